@@ -1,0 +1,162 @@
+"""The network definition against the paper's counts and torchvision's own ResNets."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from models import DiracConv2d, fold_batchnorm, fold_dirac, freeze, param_groups, resnet
+
+
+def _randomize(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm affine and statistics, and random Dirac scales.
+
+    Conv and fc weights are already random; default BatchNorm (identity) would let a
+    wrong folding or a missing layer pass unnoticed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("running_var", "dirac_a") or (leaf == "weight" and t.ndim == 1):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif leaf in ("running_mean", "bias", "dirac_b"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    return net
+
+
+@pytest.mark.parametrize(
+    ("depth", "shortcut", "count"),
+    [(18, "all", 11_173_962), (18, "none", 11_000_138),
+     (34, "all", 21_282_122), (34, "none", 21_108_298)],
+)
+def test_parameter_counts_match_the_paper(depth, shortcut, count):
+    net = resnet(depth, shortcut=shortcut)
+    assert sum(p.numel() for p in net.parameters()) == count
+
+
+def test_imagenet_stem_matches_torchvision_parameter_count():
+    net = resnet(18, stem="imagenet", num_classes=1000)
+    assert sum(p.numel() for p in net.parameters()) == 11_689_512
+
+
+@pytest.mark.parametrize("depth", [18, 34])
+def test_logits_equal_torchvision_with_shared_random_weights(depth):
+    tv = getattr(torchvision.models, f"resnet{depth}")()
+    _randomize(tv, seed=depth)
+    net = resnet(depth, stem="imagenet", num_classes=1000)
+    ours, theirs = net.state_dict(), tv.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    net.load_state_dict(theirs, strict=True)
+    x = torch.randn(2, 3, 96, 96)
+    net.eval(), tv.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), tv(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("shortcut", ["all", "none", "downsample"])
+def test_stages_and_head_compose_to_forward(stem, shortcut):
+    net = _randomize(resnet(18, shortcut=shortcut, stem=stem, width=8)).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        feat = x
+        for stage in net.stages:
+            feat = stage(feat)
+        torch.testing.assert_close(net.head(feat), net(x))
+
+
+def test_stage_shapes_for_cifar_stem():
+    net = resnet(34, width=8)
+    outs = net.stage_outputs(torch.randn(2, 3, 32, 32))
+    assert [tuple(o.shape) for o in outs] == [
+        (2, 8, 32, 32), (2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4)]
+
+
+def test_stage_views_are_the_registered_modules_and_not_in_state_dict():
+    net = resnet(18, width=8)
+    assert net.stages[1] is net.layer2 and net.stages[0][0] is net.conv1
+    assert not any(k.startswith(("_stages", "_head", "stages", "head")) for k in net.state_dict())
+
+
+def test_shortcut_variants():
+    full = resnet(18, shortcut="all", width=8)
+    plain = resnet(18, shortcut="none", width=8)
+    down = resnet(18, shortcut="downsample", width=8)
+    blocks = [b for i in range(1, 5) for b in getattr(down, f"layer{i}")]
+    assert [b.add_shortcut for b in blocks] == [False, False, True, False, True, False, True, False]
+    assert all(b.add_shortcut for i in range(1, 5) for b in getattr(full, f"layer{i}"))
+    assert not any(b.add_shortcut or b.downsample is not None
+                   for i in range(1, 5) for b in getattr(plain, f"layer{i}"))
+    # A plain block's output is exactly relu(bn2(conv2(relu(bn1(conv1(x)))))).
+    block = plain.layer1[0].eval()
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        expect = torch.relu(block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x))))))
+        torch.testing.assert_close(block(x), expect)
+        full_block = full.layer1[0].eval()
+        full_expect = torch.relu(
+            full_block.bn2(full_block.conv2(torch.relu(full_block.bn1(full_block.conv1(x))))) + x)
+        torch.testing.assert_close(full_block(x), full_expect)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="depth"):
+        resnet(50)
+    with pytest.raises(ValueError, match="shortcut"):
+        resnet(18, shortcut="some")
+    with pytest.raises(ValueError, match="stem"):
+        resnet(18, stem="tiny")
+
+
+def test_dirac_conv_starts_as_identity_plus_scaled_weight():
+    net = resnet(18, shortcut="none", width=8, dirac=True)
+    convs = [m for m in net.modules() if isinstance(m, DiracConv2d)]
+    assert len(convs) == 17  # every 3x3 conv: the CIFAR stem plus 16 in the blocks
+    conv = convs[1]
+    assert torch.all(conv.dirac_a == 1) and torch.allclose(conv.dirac_b, torch.full_like(
+        conv.dirac_b, 0.1))
+    w = conv.effective_weight()
+    expect = 0.1 * conv.weight.clone()
+    expect[torch.arange(8), torch.arange(8), 1, 1] += 1.0
+    torch.testing.assert_close(w, expect)
+
+
+def test_dirac_scales_are_excluded_from_weight_decay():
+    net = resnet(18, shortcut="none", width=8, dirac=True)
+    groups = param_groups(net, 5e-4)
+    assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
+    assert len(groups[1]["params"]) == 2 * 17
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    assert len(param_groups(resnet(18, width=8), 5e-4)) == 1
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_dirac_folding_preserves_outputs(train_mode):
+    net = _randomize(resnet(18, shortcut="none", width=8, dirac=True), seed=3)
+    net.train(train_mode)
+    folded = fold_dirac(net).train(train_mode)
+    assert not any(isinstance(m, DiracConv2d) for m in folded.modules())
+    assert any(isinstance(m, DiracConv2d) for m in net.modules())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)
+        # the stage views follow the swapped modules
+        torch.testing.assert_close(folded.head(folded.stage_outputs(x)[-1]), net(x),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shortcut", ["all", "none"])
+def test_batchnorm_folding_preserves_eval_outputs(shortcut):
+    net = _randomize(resnet(18, shortcut=shortcut, width=8, dirac=shortcut == "none")).eval()
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_freeze_makes_a_teacher():
+    net = freeze(resnet(18, width=8))
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
