@@ -1,0 +1,169 @@
+"""CIFAR-10/100 from the extracted "python version" folder (pickle batches), downloaded on request.
+
+The pickle batches are read here rather than through torchvision.datasets.CIFAR10 because the
+latter insists on the md5 of the official files; reading the format directly lets hand-placed or
+test-written folders take the exact code path users run. torchvision is used only to download,
+verify (md5 of the archive) and extract.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.arrays import Arrays, DataError
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where one CIFAR variant lives on disk and which pickle keys hold its labels and names."""
+
+    title: str
+    folder: str
+    url: str
+    archive_md5: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: str
+    names_key: str
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file the extracted folder must contain."""
+        return (*self.train_files, *self.test_files, self.meta_file)
+
+
+CIFAR10 = CifarLayout(
+    title="CIFAR-10",
+    folder="cifar-10-batches-py",
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    archive_md5="c58f30108f718f92721af3b95e74349a",
+    train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+    test_files=("test_batch",),
+    meta_file="batches.meta",
+    label_key="labels",
+    names_key="label_names",
+)
+CIFAR100 = CifarLayout(
+    title="CIFAR-100",
+    folder="cifar-100-python",
+    url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
+    train_files=("train",),
+    test_files=("test",),
+    meta_file="meta",
+    label_key="fine_labels",
+    names_key="fine_label_names",
+)
+
+
+def _one_line(exc: BaseException) -> str:
+    """Exception text squeezed onto one line (messages of DataError stay single-line)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _expected(layout: CifarLayout) -> str:
+    if layout is CIFAR10:
+        return "data_batch_1..5, test_batch, batches.meta"
+    return ", ".join(layout.files)
+
+
+def _download(layout: CifarLayout, root: Path) -> None:
+    """Download, md5-check and extract the official archive into root."""
+    # Imported here: torchvision is slow to import and only needed for the download.
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        download_and_extract_archive(
+            layout.url, str(root), filename=Path(layout.url).name, md5=layout.archive_md5
+        )
+    except Exception as exc:  # URLError/OSError offline, RuntimeError on md5 mismatch, tar errors
+        raise DataError(
+            f"could not download {layout.title} from {layout.url} into {root} ({_one_line(exc)}); "
+            f"check the network, or download the archive elsewhere and extract it so that "
+            f"{root / layout.folder} holds {_expected(layout)}"
+        ) from exc
+
+
+def _unpickle(path: Path, layout: CifarLayout) -> dict[str, Any]:
+    """Load one pickle file with str keys (the official files are Python 2 pickles)."""
+    try:
+        with open(path, "rb") as f:
+            # latin1 decodes the Python 2 pickles (numpy arrays included), as torchvision does.
+            entry = pickle.load(f, encoding="latin1")
+    except Exception as exc:  # any unpickling failure means a damaged or foreign file
+        raise DataError(
+            f"{path} is not a readable {layout.title} pickle ({_one_line(exc)}); delete "
+            f"{path.parent} and download it again with --download"
+        ) from exc
+    if not isinstance(entry, dict):
+        raise DataError(
+            f"{path} holds a {type(entry).__name__}, not a {layout.title} dict; delete "
+            f"{path.parent} and download it again with --download"
+        )
+    # Files written by Python 3 with bytes keys (b"data") read the same as the official ones.
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _read_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file -> (uint8 N x 32 x 32 x 3 HWC images, int64 labels)."""
+    entry = _unpickle(path, layout)
+    fix = f"delete {path.parent} and download it again with --download"
+    for key in ("data", layout.label_key):
+        if key not in entry:
+            raise DataError(f"{path} has no '{key}' entry; {fix}")
+    data = np.asarray(entry["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(
+            f"{path} 'data' is {data.dtype} {data.shape}, expected uint8 N x 3072; {fix}"
+        )
+    labels = np.asarray(entry[layout.label_key], dtype=np.int64)
+    if labels.shape != (len(data),):
+        raise DataError(f"{path} has {len(labels)} labels for {len(data)} images; {fix}")
+    # Rows are CHW-flattened (1024 red, 1024 green, 1024 blue values); the project keeps HWC.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _read_split(
+    folder: Path, files: tuple[str, ...], layout: CifarLayout
+) -> tuple[np.ndarray, ...]:
+    batches = [_read_batch(folder / name, layout) for name in files]
+    images = np.ascontiguousarray(np.concatenate([b[0] for b in batches]))
+    return images, np.concatenate([b[1] for b in batches])
+
+
+def load_cifar(layout: CifarLayout, root: str | Path, *, download: bool = False) -> Arrays:
+    """Read an extracted CIFAR python folder under root (downloading it first if asked)."""
+    root = Path(root).expanduser()
+    folder = root / layout.folder
+    if download and not all((folder / f).is_file() for f in layout.files):
+        _download(layout, root)
+    missing = [f for f in layout.files if not (folder / f).is_file()]
+    if missing:
+        raise DataError(
+            f"{layout.title} not found under {folder} (expected {_expected(layout)}; missing "
+            f"{', '.join(missing)}); download it with --download, or place the extracted python "
+            f"version there by hand from {layout.url}"
+        )
+    train_images, train_labels = _read_split(folder, layout.train_files, layout)
+    test_images, test_labels = _read_split(folder, layout.test_files, layout)
+    meta = _unpickle(folder / layout.meta_file, layout)
+    if layout.names_key not in meta:
+        raise DataError(
+            f"{folder / layout.meta_file} has no '{layout.names_key}' entry; delete {folder} and "
+            "download it again with --download"
+        )
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[layout.names_key]]
+    top = int(max(train_labels.max(initial=-1), test_labels.max(initial=-1)))
+    if top >= len(classes):
+        raise DataError(
+            f"{folder} has label {top} but only {len(classes)} class names in "
+            f"{layout.meta_file}; delete {folder} and download it again with --download"
+        )
+    return Arrays(train_images, train_labels, test_images, test_labels, classes, "cifar", 32)

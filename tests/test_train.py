@@ -1,0 +1,178 @@
+"""The single run: config round-trip, exact resume, bad input, and real learning."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tuning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tuning.config import ConfigError, RunConfig
+from tuning.train import main
+from tuning.trainer import CHECKPOINT_NAME, load_model, train
+
+SHARED_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-subset.npz"
+THIN = dict(dataset="digits", width=4, epochs=2, batch_size=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    train(RunConfig(method="ce", shortcut="all", **THIN), out, quiet=True)
+    return out / "model.pt"
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    cfg = RunConfig(method="jointrd", lam=0.01, eta_kind="linear", depth=34, teacher="t.pt")
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert RunConfig.from_yaml(path) == cfg
+
+
+@pytest.mark.parametrize(("values", "match"), [
+    ({"alpha": 1.5}, "alpha must be a number >= 0.0 and <= 1.0"),
+    ({"method": "dino"}, "method must be one of ce, kd, alignkd, jointrd"),
+    ({"depth": 50}, "depth must be one of 18, 34"),
+    ({"lam": -1.0}, "lam must be"),
+    ({"epochs": 0}, "epochs must be an integer >= 1"),
+    ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),
+    ({"dataset": "npz"}, "needs data_path"),
+])
+def test_bad_config_values_name_the_key(values, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_dict(values)
+
+
+def test_every_epoch_reports_the_named_metrics(tmp_path, teacher_path):
+    seen = []
+    final = train(RunConfig(method="alignkd", teacher=str(teacher_path), **THIN), tmp_path,
+                  listeners=[lambda m, ckpt: seen.append((m, ckpt.exists()))], quiet=True)
+    assert [m["epoch"] for m, _ in seen] == [1, 2] and all(ok for _, ok in seen)
+    keys = {"val_acc", "train_loss", "loss_kl", "loss_ce", "loss_feat_1", "loss_feat_4", "lr",
+            "eta", "epoch_time", "images_per_s", "train_time", "best_val_acc"}
+    assert keys <= set(seen[0][0])
+    assert seen[0][0]["eta"] == pytest.approx(1.0) and seen[0][0]["images_per_s"] > 0
+    assert {"best_val_acc", "last_val_acc", "test_acc", "train_time", "eval_time"} <= set(final)
+    net, meta = load_model(tmp_path / "model.pt")
+    assert meta["arch"]["shortcut"] == "none" and meta["dataset"] == "digits"
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["ce", "jointrd"])
+def test_resume_gives_exactly_the_uninterrupted_result(tmp_path, teacher_path, method):
+    cfg = RunConfig(method=method, teacher=str(teacher_path), **{**THIN, "epochs": 3})
+    full = train(cfg, tmp_path / "full", quiet=True, evaluate_test=False)
+
+    def stop_after_two(metrics, _):
+        if metrics["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cut", listeners=[stop_after_two], quiet=True)
+    resumed = train(cfg, tmp_path / "cut", quiet=True, evaluate_test=False,
+                    resume_from=tmp_path / "cut" / CHECKPOINT_NAME)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["val_acc"] == full["val_acc"] and resumed["train_loss"] == full["train_loss"]
+
+
+def test_checkpoint_falls_back_to_previous_when_damaged(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"epoch": 1}, path)
+    save_checkpoint({"epoch": 2}, path)
+    path.write_bytes(path.read_bytes()[:50])  # a truncated newest checkpoint
+    with pytest.warns(UserWarning, match="falling back"):
+        assert load_checkpoint(path)["epoch"] == 1
+    path.with_name("checkpoint.pt.prev").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_trains_then_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _ = run_cli(["--method", "ce", "--shortcut", "all", "--width", 4, "--epochs", 1,
+                       "--batch-size", 64, "--out", out, "--quiet"], capsys)
+    assert code == 0 and (out / "model.pt").exists() and (out / "config.yaml").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, err = run_cli(["--method", "ce", "--epochs", 1, "--out", out], capsys)
+    assert code == 2 and "already holds a run" in err and "--resume" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_cli_resume_extends_nothing_when_done_and_config_file_works(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: ce\nshortcut: all\nwidth: 4\nepochs: 1\nbatch_size: 64\n")
+    code, _ = run_cli(["--config", cfg, "--out", tmp_path / "r", "--quiet", "--seed", 3], capsys)
+    assert code == 0
+    saved = RunConfig.from_yaml(tmp_path / "r" / "config.yaml")
+    assert saved.seed == 3 and saved.width == 4  # flags override the file
+    code, _ = run_cli(["--resume", "--out", tmp_path / "r", "--quiet"], capsys)
+    assert code == 0
+
+
+def _bad_npz(tmp_path) -> Path:
+    path = tmp_path / "three.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 255, (60, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(60) % 3)
+    return path
+
+
+@pytest.mark.parametrize("case", [
+    "unknown_dataset", "unknown_method", "bad_depth", "missing_cifar", "teacher_classes",
+    "teacher_truncated", "teacher_missing", "no_teacher", "resume_missing", "bad_yaml",
+    "unknown_flag",
+])
+def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys,
+                                                             teacher_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    base = ["--width", 4, "--epochs", 1, "--out", out, "--quiet"]
+    if case == "teacher_classes":
+        three = tmp_path / "three"
+        cfg = {**THIN, "dataset": "npz", "data_path": str(_bad_npz(tmp_path)), "epochs": 1}
+        train(RunConfig(method="ce", shortcut="all", **cfg), three, quiet=True)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(teacher_path.read_bytes()[:1000])
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("method: [alignkd\n")
+    args, expect = {
+        "unknown_dataset": (["--dataset", "mnist"], "dataset must be one of"),
+        "unknown_method": (["--method", "dino"], "method must be one of"),
+        "bad_depth": (["--depth", 50], "depth must be one of 18, 34"),
+        "missing_cifar": (["--dataset", "cifar100", "--method", "ce"], "--download"),
+        "teacher_classes": (["--teacher", tmp_path / "three" / "model.pt"],
+                            "trained on npz (3 classes) but this run uses digits (10 classes)"),
+        "teacher_truncated": (["--teacher", truncated], "truncated or corrupt"),
+        "teacher_missing": (["--teacher", tmp_path / "nope.pt"], "does not exist"),
+        "no_teacher": (["--method", "jointrd"], "needs a trained teacher"),
+        "resume_missing": (["--resume"], "no checkpoint to resume"),
+        "bad_yaml": (["--config", bad_yaml], "not valid YAML at line"),
+        "unknown_flag": (["--alpah", 0.3], "unrecognized arguments: --alpah"),
+    }[case]
+    code, err = run_cli(base + args, capsys)
+    assert code == 2, err
+    assert expect in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not SHARED_NPZ.exists(), reason="the shared CIFAR-10 subset is not present")
+def test_resnet_teacher_learns_real_cifar10_well_above_chance(tmp_path):
+    cfg = RunConfig(method="ce", shortcut="all", dataset="npz", data_path=str(SHARED_NPZ),
+                    width=8, epochs=4, batch_size=64, device="cpu", lr=0.02)
+    final = train(cfg, tmp_path, quiet=True)
+    assert final["best_val_acc"] > 0.3, final  # chance is 0.1
+    assert final["test_acc"] > 0.3, final

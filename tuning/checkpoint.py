@@ -1,0 +1,90 @@
+"""Atomic writes and safe loads of checkpoints and trained models."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuning.config import UserError
+
+MODEL_FORMAT = "plainkd-model/1"
+CHECKPOINT_FORMAT = "plainkd-checkpoint/1"
+
+
+class CheckpointError(UserError):
+    """A checkpoint or model file that cannot be used."""
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write through a temp file in the same folder, fsync, then rename over `path`.
+
+    A reader sees the old file or the new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def safe_load(path: Path, *, what: str, fix: str) -> dict:
+    """torch.load with weights_only=True; any damage becomes one CheckpointError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist; {fix}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile, AttributeError, IndexError, KeyError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise CheckpointError(f"{what} {path} is truncated or corrupt ({reason}); {fix}") \
+            from None
+    if not isinstance(obj, dict) or "format" not in obj:
+        raise CheckpointError(f"{what} {path} is not a file this project wrote; {fix}")
+    return obj
+
+
+def save_checkpoint(state: dict, path: Path, *, keep_previous: bool = True) -> None:
+    """Write the epoch checkpoint; the one it replaces is kept as `<name>.prev`."""
+    path = Path(path)
+    tmp_new = path.with_name(path.name + ".new")
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, tmp_new)
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name(path.name + ".prev"))
+    os.replace(tmp_new, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The newest readable checkpoint at `path`, falling back to `<name>.prev` with a warning."""
+    path = Path(path)
+    prev = path.with_name(path.name + ".prev")
+    fix = "delete it to start the run afresh"
+    try:
+        return safe_load(path, what="checkpoint", fix=fix)
+    except CheckpointError as err:
+        if not prev.is_file():
+            raise
+        warnings.warn(f"{err}; falling back to the previous checkpoint {prev}", stacklevel=2)
+        return safe_load(prev, what="checkpoint", fix=fix)

@@ -1,0 +1,159 @@
+"""One run's settings: a flat dataclass that maps 1:1 onto YAML and onto a search sample."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data import DATASETS
+from losses import ETA_KINDS, FEATURE_LOSSES, EtaSchedule
+from models import BLOCKS, SHORTCUTS
+
+METHODS = ("ce", "kd", "alignkd", "jointrd")
+
+
+class UserError(Exception):
+    """A problem in what the user asked for; its message names the problem and the fix."""
+
+
+class ConfigError(UserError):
+    """A bad config value or file."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs. Defaults are the paper's recipe (section 5)."""
+
+    method: str = "alignkd"
+    dataset: str = "digits"
+    data_root: str = "./datasets"
+    data_path: str | None = None  # the .npz file, or an Imagewoof folder
+    download: bool = False
+    val_fraction: float = 0.1
+    split_seed: int = 0  # fixed across trials so that every trial sees the same val split
+    depth: int = 18
+    teacher_depth: int | None = None  # None: the teacher checkpoint's depth
+    width: int = 64
+    shortcut: str = "none"  # the trained network's shortcuts; "all" trains a ResNet teacher
+    dirac: bool = False
+    teacher: str | None = None  # path of a trained teacher (model.pt)
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.01
+    max_lr_factor: float = 10.0  # OneCycle peaks at lr * max_lr_factor and starts at lr
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    alpha: float = 0.5
+    temperature: float = 1.0
+    lam: float = 0.001
+    eta_kind: str = "cosine"
+    eta_start: float = 1.0
+    eta_end: float = 0.5
+    eta_epochs: int = 60
+    feature_loss: str = "mse"
+    beta: float | None = None  # feature-loss weight; None: 1 (mse), 1000 (at), 50 (nst)
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form tags, never read by training
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field and what is allowed."""
+        _choice("method", self.method, METHODS)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("depth", self.depth, tuple(BLOCKS))
+        if self.teacher_depth is not None:
+            _choice("teacher_depth", self.teacher_depth, tuple(BLOCKS))
+        _choice("shortcut", self.shortcut, SHORTCUTS)
+        _choice("eta_kind", self.eta_kind, ETA_KINDS)
+        _choice("feature_loss", self.feature_loss, FEATURE_LOSSES)
+        _choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        _number("val_fraction", self.val_fraction, 0.0, 0.9)
+        for name in ("width", "epochs", "batch_size"):
+            _integer(name, getattr(self, name), 1)
+        _integer("eta_epochs", self.eta_epochs, 0)
+        _number("lr", self.lr, 0.0, low_open=True)
+        _number("max_lr_factor", self.max_lr_factor, 1.0)
+        _number("momentum", self.momentum, 0.0, 1.0)
+        _number("weight_decay", self.weight_decay, 0.0)
+        _number("alpha", self.alpha, 0.0, 1.0)
+        _number("temperature", self.temperature, 0.0, low_open=True)
+        _number("lam", self.lam, 0.0)
+        _number("eta_start", self.eta_start, 0.0)
+        _number("eta_end", self.eta_end, 0.0)
+        if self.beta is not None:
+            _number("beta", self.beta, 0.0)
+        if self.dataset == "npz" and not self.data_path:
+            raise ConfigError("dataset npz needs data_path: pass --data-path FILE.npz "
+                              "(arrays 'images' uint8 NxHxWx3 and 'labels')")
+
+    @property
+    def eta_schedule(self) -> EtaSchedule:
+        return EtaSchedule(self.eta_kind, self.eta_start, self.eta_end, self.eta_epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> RunConfig:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: "
+                              f"{', '.join(known)}")
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        except TypeError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; check the path") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}; fix its syntax") \
+                from None
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        return cls.from_dict(values, source=str(path))
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _integer(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def _number(name: str, value: Any, low: float, high: float = math.inf, *,
+            low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        lo = f"> {low}" if low_open else f">= {low}"
+        hi = "" if high == math.inf else f" and <= {high}"
+        raise ConfigError(f"{name} must be a number {lo}{hi}; got {value!r}")

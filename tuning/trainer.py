@@ -1,0 +1,265 @@
+"""One training run: the loop every trial runs, reporting each epoch to its listeners.
+
+Imports no Ray, MLflow or Optuna: the CLI, the Ray trainable and MLflow are listeners.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from data import DataBundle, build_data
+from losses import OBJECTIVES
+from models import freeze, param_groups, resnet
+from tuning.checkpoint import (
+    MODEL_FORMAT,
+    CheckpointError,
+    atomic_torch_save,
+    load_checkpoint,
+    safe_load,
+    save_checkpoint,
+)
+from tuning.config import RunConfig, UserError
+
+Listener = Callable[[dict[str, Any], Path], None]
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model.pt"
+
+
+class DivergedError(RuntimeError):
+    """The training loss stopped being finite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name} was asked for but CUDA is not available; "
+                        "pass --device cpu (or auto)")
+    return torch.device(name)
+
+
+def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """A saved model.pt as (network, metadata), loaded with weights_only=True."""
+    fix = "train one with `python -m tuning.train --method ce --shortcut all` and pass its model.pt"
+    meta = safe_load(Path(path), what="model file", fix=fix)
+    if meta.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path} is a {meta.get('format')} file, not a trained model; {fix}")
+    net = resnet(**meta["arch"])
+    try:
+        net.load_state_dict(meta["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"model file {path} does not match its architecture "
+                              f"({str(err).splitlines()[0]}); {fix}") from None
+    return net.to(device), meta
+
+
+def save_model(net: nn.Module, path: Path, *, cfg: RunConfig, data: DataBundle,
+               metrics: dict[str, Any]) -> None:
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    atomic_torch_save({
+        "format": MODEL_FORMAT, "arch": dict(net.arch), "dataset": data.name,
+        "num_classes": data.num_classes, "classes": list(data.classes), "stem": data.stem,
+        "config": cfg.to_dict(), "metrics": metrics, "state_dict": state,
+    }, path)
+
+
+def load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device) -> nn.Module:
+    """The frozen teacher, checked against this run's data set, classes and depth."""
+    if not cfg.teacher:
+        raise UserError(f"--method {cfg.method} needs a trained teacher: pass --teacher PATH "
+                        "(a model.pt from `python -m tuning.train --method ce --shortcut all`)")
+    net, meta = load_model(cfg.teacher, device=device)
+    arch = meta["arch"]
+    if meta.get("dataset") != data.name or arch["num_classes"] != data.num_classes:
+        raise CheckpointError(
+            f"teacher {cfg.teacher} was trained on {meta.get('dataset')} "
+            f"({arch['num_classes']} classes) but this run uses {data.name} "
+            f"({data.num_classes} classes); pass a teacher trained on {data.name}")
+    if arch["stem"] != data.stem:
+        raise CheckpointError(f"teacher {cfg.teacher} has the {arch['stem']} stem but "
+                              f"{data.name} needs the {data.stem} stem; retrain the teacher")
+    if cfg.teacher_depth is not None and arch["depth"] != cfg.teacher_depth:
+        raise CheckpointError(f"teacher {cfg.teacher} is ResNet-{arch['depth']} but "
+                              f"teacher_depth is {cfg.teacher_depth}; pass a matching teacher")
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return freeze(net)
+
+
+def objective_kwargs(cfg: RunConfig, epoch: int) -> dict[str, Any]:
+    """The hyperparameters each objective takes, at this epoch."""
+    eta = cfg.eta_schedule(epoch)
+    return {
+        "ce": {},
+        "kd": {"alpha": cfg.alpha, "temperature": cfg.temperature},
+        "alignkd": {"alpha": cfg.alpha, "eta": eta, "temperature": cfg.temperature,
+                    "feature_loss_kind": cfg.feature_loss, "beta": cfg.beta},
+        "jointrd": {"eta": eta, "lam": cfg.lam},
+    }[cfg.method]
+
+
+def evaluate(net: nn.Module, loader: Iterable, device: torch.device) -> float:
+    """Top-1 accuracy; counts stay on the device until the one read at the end."""
+    was_training = net.training
+    net.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    with torch.no_grad(), _autocast(device):
+        for x, y in loader:
+            correct += (net(x).argmax(1) == y).sum()
+            seen += len(y)
+    net.train(was_training)
+    return correct.item() / max(seen, 1)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Progress:
+    """A per-epoch progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label = total, label
+        self.on = sys.stderr.isatty()
+        self.every = max(1, total // 40)
+
+    def update(self, done: int) -> None:
+        if self.on and (done % self.every == 0 or done == self.total):
+            bar = "#" * (30 * done // self.total)
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {done}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.on:
+            sys.stderr.write("\r" + " " * (len(self.label) + 45) + "\r")
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] = (),
+          resume_from: str | Path | None = None, evaluate_test: bool = True,
+          checkpoint_extra: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Train one run; every epoch writes a checkpoint atomically, then calls each listener.
+
+    Returns the final metrics. `checkpoint_extra` is stored in every checkpoint (a
+    listener's state, such as a tracking run id) and returned by `resume_from`'s load.
+    """
+    run_dir = Path(run_dir).resolve()
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    torch.manual_seed(cfg.seed)
+    data = build_data(cfg.dataset, cfg.data_root, batch_size=cfg.batch_size,
+                      val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, device=device,
+                      download=cfg.download, **({"path": cfg.data_path} if cfg.data_path else {}))
+    teacher = load_teacher(cfg, data, device) if cfg.method != "ce" else None
+    student = resnet(cfg.depth, shortcut=cfg.shortcut, stem=data.stem,
+                     num_classes=data.num_classes, width=cfg.width, dirac=cfg.dirac).to(device)
+    if device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.SGD(param_groups(student, cfg.weight_decay), lr=cfg.lr,
+                                momentum=cfg.momentum, nesterov=cfg.nesterov, **fast)
+    steps = len(data.train)
+    # div_factor = max_lr_factor: the cycle starts at lr and peaks at lr * max_lr_factor.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr * cfg.max_lr_factor, total_steps=cfg.epochs * steps,
+        div_factor=cfg.max_lr_factor)
+    objective = OBJECTIVES[cfg.method]
+    if cfg.compile:
+        objective = torch.compile(objective)
+
+    start_epoch, history, train_time, eval_time = 0, [], 0.0, 0.0
+    extra = dict(checkpoint_extra or {})
+    if resume_from is not None:
+        state = load_checkpoint(Path(resume_from))
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        start_epoch, history = state["epoch"], state["history"]
+        train_time, eval_time = state["train_time"], state["eval_time"]
+        extra = {**state.get("extra", {}), **extra}
+
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    best_val = max((h["val_acc"] for h in history), default=0.0)
+    for epoch in range(start_epoch, cfg.epochs):
+        hp = objective_kwargs(cfg, epoch)
+        student.train()
+        data.train.set_epoch(cfg.seed, epoch)
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
+        progress = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs}")
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(data.train):
+            with _autocast(device):
+                total, terms, logits = objective(student, teacher, x, y, **hp)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            scheduler.step()
+            n = len(y)
+            for name, value in (("loss", total.detach()), *terms.items()):
+                value = value.float() * n
+                sums[name] = sums[name] + value if name in sums else value
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += n
+            if not quiet:
+                progress.update(i + 1)
+        # The one host read of the epoch; it also waits for the device to finish.
+        names = list(sums)
+        values = torch.stack([sums[k] for k in names] + [correct.float()]).tolist()
+        epoch_time = time.perf_counter() - t0
+        progress.close()
+        train_time += epoch_time
+        means = {k: v / max(seen, 1) for k, v in zip(names, values[:-1], strict=True)}
+        if not math.isfinite(means["loss"]):
+            raise DivergedError(f"training loss became {means['loss']} in epoch {epoch + 1}; "
+                                f"lower lr (now {cfg.lr}) or the loss weights")
+        t1 = time.perf_counter()
+        val_acc = evaluate(student, data.val, device) if data.val.num_samples else float("nan")
+        eval_time += time.perf_counter() - t1
+        best_val = max(best_val, val_acc) if math.isfinite(val_acc) else best_val
+        metrics = {
+            "epoch": epoch + 1, "val_acc": val_acc, "best_val_acc": best_val,
+            "train_loss": means.pop("loss"), "train_acc": values[-1] / max(seen, 1),
+            **{f"loss_{k}": v for k, v in means.items()},
+            "lr": optimizer.param_groups[0]["lr"], "eta": hp.get("eta", float("nan")),
+            "epoch_time": epoch_time, "images_per_s": seen / epoch_time,
+            "train_time": train_time, "eval_time": eval_time,
+        }
+        history.append(metrics)
+        save_checkpoint({
+            "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+            "train_time": train_time, "eval_time": eval_time, "config": cfg.to_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            "extra": extra,
+        }, ckpt_path)
+        for listener in listeners:
+            listener(metrics, ckpt_path)
+
+    final = dict(history[-1]) if history else {}
+    final.update(best_val_acc=best_val, last_val_acc=final.get("val_acc", float("nan")),
+                 train_time=train_time, eval_time=eval_time)
+    if evaluate_test:
+        t1 = time.perf_counter()
+        final["test_acc"] = evaluate(student, data.test, device)
+        final["eval_time"] = eval_time + time.perf_counter() - t1
+    save_model(student, run_dir / MODEL_NAME, cfg=cfg, data=data, metrics=final)
+    return final
