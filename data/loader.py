@@ -86,7 +86,7 @@ def rrc_flip(batch_u8: torch.Tensor, theta: torch.Tensor, out_size: int) -> torc
 
 
 class DeviceLoader:
-    """Batches (x float32 N x C x H x W, normalised, channels_last on CUDA; y int64) of one split."""
+    """Batches (x float32 NCHW, normalised, channels_last on CUDA; y int64) of one split."""
 
     def __init__(
         self,
