@@ -10,7 +10,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from data import DataBundle, build_data
 from losses import OBJECTIVES
-from models import freeze, param_groups, resnet
+from models import freeze, resnet
 from tuning.checkpoint import (
     MODEL_FORMAT,
     CheckpointError,
@@ -29,6 +28,8 @@ from tuning.checkpoint import (
     save_checkpoint,
 )
 from tuning.config import RunConfig, UserError
+from tuning.step import autocast as _autocast
+from tuning.step import make_optimizer, make_train_step
 
 Listener = Callable[[dict[str, Any], Path], None]
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -122,12 +123,6 @@ def evaluate(net: nn.Module, loader: Iterable, device: torch.device) -> float:
     return correct.item() / max(seen, 1)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 class Progress:
     """A per-epoch progress bar on a terminal; silent otherwise."""
 
@@ -158,7 +153,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
     run_dir = Path(run_dir).resolve()
     device = resolve_device(cfg.device)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        # Ray sets OMP_NUM_THREADS to a trial's CPUs; alone, use every core we may run on.
+        threads = os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))
+        torch.set_num_threads(max(1, int(threads)))
     torch.manual_seed(cfg.seed)
     data = build_data(cfg.dataset, cfg.data_root, batch_size=cfg.batch_size,
                       val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, device=device,
@@ -168,14 +165,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
                      num_classes=data.num_classes, width=cfg.width, dirac=cfg.dirac).to(device)
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.SGD(param_groups(student, cfg.weight_decay), lr=cfg.lr,
-                                momentum=cfg.momentum, nesterov=cfg.nesterov, **fast)
     steps = len(data.train)
-    # div_factor = max_lr_factor: the cycle starts at lr and peaks at lr * max_lr_factor.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr * cfg.max_lr_factor, total_steps=cfg.epochs * steps,
-        div_factor=cfg.max_lr_factor)
+    optimizer, scheduler = make_optimizer(student, cfg, cfg.epochs * steps, device)
     objective = OBJECTIVES[cfg.method]
     if cfg.compile:
         objective = torch.compile(objective)
@@ -194,6 +185,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
         train_time, eval_time = state["train_time"], state["eval_time"]
         extra = {**state.get("extra", {}), **extra}
 
+    train_step = make_train_step(objective, student, teacher, optimizer, scheduler, device)
     ckpt_path = run_dir / CHECKPOINT_NAME
     best_val = max((h["val_acc"] for h in history), default=0.0)
     for epoch in range(start_epoch, cfg.epochs):
@@ -206,12 +198,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
         progress = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs}")
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(data.train):
-            with _autocast(device):
-                total, terms, logits = objective(student, teacher, x, y, **hp)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            scheduler.step()
+            total, terms, logits = train_step(x, y, hp)
             n = len(y)
             for name, value in (("loss", total.detach()), *terms.items()):
                 value = value.float() * n

@@ -1,0 +1,186 @@
+"""The search end to end, with real Ray, Optuna and real subprocesses."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tuning.config import RunConfig
+from tuning.search import main
+from tuning.train import main as train_main
+
+pytestmark = pytest.mark.slow
+
+
+def search_args(root: Path, name: str, *extra: str, space: str = "alignkd") -> list[str]:
+    return ["--space", space, "--smoke", "--name", name, "--storage-path", str(root / "ray"),
+            "--teacher-store", str(root / "teachers"), "--data-root", str(root / "datasets"),
+            "--teacher-epochs", "2", *extra]
+
+
+def rows(root: Path, name: str) -> list[dict]:
+    with open(root / "ray" / name / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("search")
+
+
+def test_smoke_search_end_to_end(ray_session, root, capsys):
+    code = main(search_args(root, "smoke", "--num-samples", "3", "--epochs", "2"))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    table = rows(root, "smoke")
+    assert len(table) == 3 and len({r["trial_id"] for r in table}) == 3
+    assert {r["status"] for r in table} <= {"TERMINATED", "STOPPED_EARLY"}
+    assert all(0.0 <= float(r["val_acc"]) <= 1.0 for r in table)
+    best = max(table, key=lambda r: float(r["val_acc"]))
+    assert float(best["test_acc"]) > 0  # evaluated once, for the chosen trial only
+    assert sum(r["test_acc"] not in ("", "nan") for r in table) == 1
+    assert "best trial" in out and "results.csv" in out
+    # The best config runs again as a single training run.
+    cfg = RunConfig.from_yaml(root / "ray" / "smoke" / "best_config.yaml")
+    assert cfg.method == "alignkd" and cfg.dataset == "digits" and Path(cfg.teacher).is_file()
+    assert train_main(["--config", str(root / "ray" / "smoke" / "best_config.yaml"),
+                       "--epochs", "1", "--out", str(root / "again"), "--quiet"]) == 0
+    teachers = [p for p in (root / "teachers").iterdir() if p.is_dir()]
+    assert len(teachers) == 1 and not teachers[0].name.endswith(".partial")
+
+
+def test_a_later_search_reuses_the_cached_teacher(ray_session, root, capsys):
+    teacher = next(p for p in (root / "teachers").iterdir()) / "model.pt"
+    before = teacher.stat().st_mtime_ns
+    code = main(search_args(root, "again", "--num-samples", "1", "--epochs", "1",
+                            "--scheduler", "fifo"))
+    assert code == 0
+    assert "1 needed, 1 in the store" in capsys.readouterr().out
+    assert teacher.stat().st_mtime_ns == before
+
+
+def test_acc_time_objective_marks_the_pareto_front(ray_session, root):
+    code = main(search_args(root, "pareto", "--num-samples", "2", "--epochs", "1",
+                            "--objective", "acc-time", space="compare"))
+    assert code == 0
+    table = rows(root, "pareto")
+    assert any(r["pareto"] == "True" for r in table)
+    assert {r["method"] for r in table} <= {"alignkd", "jointrd"}
+
+
+def _wait_for(predicate, timeout: float, proc=None) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.5)
+    return False
+
+
+def test_resume_after_the_driver_is_killed(ray_session, root, tmp_path):
+    name = "killed"
+    log = open(tmp_path / "driver.log", "w")
+    args = search_args(root, name, "--num-samples", "3", "--epochs", "3", "--max-concurrent",
+                       "1", "--scheduler", "fifo")
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.search", *args], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    experiment = root / "ray" / name
+
+    def second_trial_checkpointed() -> bool:
+        done = list(experiment.glob("run_trial_*/checkpoint_00000*"))
+        return len({p.parent for p in done}) >= 2
+
+    try:
+        assert _wait_for(second_trial_checkpointed, 240, proc), (tmp_path / "driver.log").read_text(
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (experiment / "results.csv").exists()  # it really died mid-search
+    assert main(search_args(root, name, "--resume")) == 0
+    table = rows(root, name)
+    assert len(table) == 3 and len({r["trial_id"] for r in table}) == 3
+    assert all(r["status"] == "TERMINATED" and r["epochs"] == "3" for r in table), table
+
+
+CLUSTER_SCRIPT = textwrap.dedent("""
+    import sys
+    from ray.cluster_utils import Cluster
+    from tuning.search import main
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        code = main(sys.argv[1:] + ["--address", cluster.address])
+    finally:
+        cluster.shutdown()
+    sys.exit(code)
+""")
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(root, tmp_path):
+    script = tmp_path / "cluster.py"
+    script.write_text(CLUSTER_SCRIPT)
+    args = search_args(root, "cluster", "--num-samples", "2", "--epochs", "1",
+                       "--max-concurrent", "2", "--scheduler", "fifo")
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = rows(root, "cluster")
+    assert len(table) == 2 and len({r["node_id"] for r in table}) == 2
+
+
+@pytest.mark.parametrize("case", [
+    "unknown_space", "malformed_space", "unreachable_address", "resume_missing",
+    "zero_samples", "negative_samples", "bad_set_key", "unwritable_storage", "missing_data",
+    "resume_other_space", "name_exists", "bad_flag",
+])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, capsys):
+    bad_space = tmp_path / "bad.yaml"
+    bad_space.write_text("params:\n  alpha: {type: float, low: 0, high: 3}\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    existing = root / "ray" / "smoke"
+    before = sorted(p.name for p in existing.iterdir()) if existing.exists() else None
+    args, expect = {
+        "unknown_space": (["--space", "alignkdd"], "unknown space 'alignkdd'"),
+        "malformed_space": (["--space", str(bad_space)], "params.alpha.high: alpha must be"),
+        "unreachable_address": (["--address", "127.0.0.1:9"], "no Ray cluster answers"),
+        "resume_missing": (["--resume", "--name", "ghost"], "no search named 'ghost'"),
+        "zero_samples": (["--num-samples", "0"], "--num-samples must be at least 1"),
+        "negative_samples": (["--num-samples", "-3"], "--num-samples must be at least 1"),
+        "bad_set_key": (["--set", "alfa=0.3"], "unknown key 'alfa'"),
+        "unwritable_storage": (["--storage-path", str(blocker / "sub")], "is not writable"),
+        "missing_data": (["--set", "dataset=cifar100", "--data-root", str(tmp_path / "none")],
+                         "CIFAR-100 not found"),
+        "resume_other_space": (["--resume", "--name", "smoke", "--space", "jointrd"],
+                               "was started with space alignkd"),
+        "name_exists": (["--name", "smoke"], "already exists"),
+        "bad_flag": (["--scheduler", "hyperband"], "invalid choice"),
+    }[case]
+    base = ["--storage-path", str(tmp_path / "ray"), "--teacher-store", str(tmp_path / "t"),
+            "--data-root", str(tmp_path / "datasets"), "--smoke"]
+    if case in ("resume_other_space", "name_exists"):
+        if before is None:
+            pytest.skip("needs the smoke search of this module")
+        base[1] = str(root / "ray")
+    try:
+        code = main(base + args)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and expect in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    if case not in ("resume_other_space", "name_exists"):
+        assert not (tmp_path / "ray").exists() and not (tmp_path / "t").exists()
+    if before is not None:
+        assert sorted(p.name for p in existing.iterdir()) == before

@@ -1,0 +1,142 @@
+"""The search driver: teachers as Ray tasks, then trials under a Tune Tuner with OptunaSearch."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from tuning.checkpoint import atomic_write_text
+from tuning.space import Space, SpaceSampler
+from tuning.teachers import plan_teachers, teacher_path, train_teacher
+from tuning.trainable import SearchContext, run_trial
+
+METRIC = "val_acc"
+
+
+def ensure_ray(address: str | None) -> bool:
+    """Start or join Ray unless this process already did; True when we started it."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address, include_dashboard=False, log_to_driver=True,
+             configure_logging=True, logging_level="warning")
+    return True
+
+
+def train_teachers(space: Space, settings: dict[str, Any]) -> None:
+    """Train every missing teacher the space can ask for, as parallel Ray tasks."""
+    store = Path(settings["teacher_store"])
+    recipes = plan_teachers(space, settings["overrides"], settings["teacher_epochs"])
+    missing = [r for r in recipes if not teacher_path(store, r).is_file()]
+    print(f"teachers: {len(recipes)} needed, {len(recipes) - len(missing)} in the store "
+          f"{store}", flush=True)
+    if not missing:
+        return
+    task = ray.remote(num_cpus=settings["cpus_per_trial"], num_gpus=settings["gpus_per_trial"],
+                      max_retries=1)(train_teacher)
+    refs = {task.remote(r, store): r for r in missing}
+    for ref in refs:
+        done = ray.get(ref)
+        acc = done.get("metrics", {}).get("best_val_acc", math.nan)
+        print(f"teacher {done['key']}: val_acc {acc:.4f}", flush=True)
+
+
+def make_searcher(space: Space, settings: dict[str, Any]):
+    sampler_fn = SpaceSampler(space)
+    seed = settings["seed"]
+    if space.grid:
+        sampler = optuna.samplers.GridSampler(sampler_fn.grid_space(), seed=seed)
+    elif settings["objective"] == "acc-time":
+        sampler = optuna.samplers.NSGAIISampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed)
+    if settings["objective"] == "acc-time":
+        searcher = OptunaSearch(space=sampler_fn, metric=["best_val_acc", "train_time"],
+                                mode=["max", "min"], sampler=sampler)
+    else:
+        searcher = OptunaSearch(space=sampler_fn, metric=METRIC, mode="max", sampler=sampler)
+    if settings["max_concurrent"]:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=settings["max_concurrent"])
+    return searcher
+
+
+def make_scheduler(settings: dict[str, Any]):
+    if settings["scheduler"] == "fifo" or settings["objective"] == "acc-time":
+        return FIFOScheduler()
+    epochs = settings["epochs"]
+    return ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                         grace_period=max(1, epochs // 4), reduction_factor=2)
+
+
+def make_trainable(context: SearchContext, settings: dict[str, Any]):
+    resources = {"cpu": settings["cpus_per_trial"], "gpu": settings["gpus_per_trial"]}
+    return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
+
+
+def run_search(settings: dict[str, Any], space: Space, *, address: str | None, resume: bool,
+               folder: Path) -> int:
+    from tuning import results as res
+    from tuning.search import write_settings
+
+    started = ensure_ray(address)
+    try:
+        if not resume:
+            write_settings(folder, settings)
+        train_teachers(space, settings)
+        context = SearchContext(space=space, overrides=settings["overrides"],
+                                teacher_store=settings["teacher_store"],
+                                teacher_epochs=settings["teacher_epochs"],
+                                search_name=settings["name"])
+        trainable = make_trainable(context, settings)
+        experiment = f"{settings['storage_path'].rstrip('/')}/{settings['name']}"
+        if resume and tune.Tuner.can_restore(experiment):
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            multi = settings["objective"] == "acc-time"
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=make_searcher(space, settings),
+                    scheduler=make_scheduler(settings), num_samples=settings["num_samples"],
+                    metric=None if multi else METRIC, mode=None if multi else "max"),
+                run_config=tune.RunConfig(
+                    name=settings["name"], storage_path=settings["storage_path"],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    failure_config=tune.FailureConfig(max_failures=2), verbose=1),
+            )
+        grid = tuner.fit()
+        rows = res.trial_rows(grid, context)
+        res.mark_pareto(rows)
+        best = res.best_row(rows)
+        if best is not None and best["_result"].checkpoint is not None:
+            with best["_result"].checkpoint.as_directory() as ckpt_dir:
+                best["test_acc"] = res.test_accuracy(best["_config"], Path(ckpt_dir))
+            atomic_write_text(folder / "best_config.yaml", best["_config"].to_yaml())
+        res.write_csv(rows, folder / "results.csv")
+        print(res.table_text(rows))
+        if best is None:
+            print(f"no trial finished; see {folder / 'results.csv'} for the errors")
+            return 1
+        print(f"\nbest trial {best['trial_id']}: val_acc {best['val_acc']:.4f}, "
+              f"test_acc {best['test_acc']:.4f} ({best['method']}, {best['dataset']}, "
+              f"depth {best['depth']})")
+        best_yaml = folder / "best_config.yaml"
+        print(f"table: {folder / 'results.csv'}\nbest config: {best_yaml} "
+              f"(run it again with `python -m tuning.train --config {best_yaml}`)")
+        return 0
+    finally:
+        if started:
+            ray.shutdown()
+
+
+

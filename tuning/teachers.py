@@ -1,0 +1,97 @@
+"""The teacher store: every teacher a search can ask for, trained once, cached by recipe."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuning.config import RunConfig
+from tuning.space import Space
+from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, train
+
+# Fields of a trial's config that a teacher's recipe inherits; the rest is the recipe's own.
+INHERITED = ("dataset", "data_root", "data_path", "val_fraction", "split_seed", "width",
+             "batch_size", "seed", "download")
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """What determines a teacher: its run config. Its key is a hash of that config."""
+
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def config(self) -> RunConfig:
+        return RunConfig(**dict(self.values))
+
+    @property
+    def key(self) -> str:
+        cfg = self.config.to_dict()
+        for volatile in ("device", "extra"):
+            cfg.pop(volatile)
+        digest = hashlib.sha256(yaml.safe_dump(cfg, sort_keys=True).encode()).hexdigest()[:10]
+        c = self.config
+        return f"{c.dataset}-resnet{c.depth}-w{c.width}-s{c.seed}-{digest}"
+
+
+def teacher_recipe(trial: RunConfig, teacher_epochs: int) -> TeacherRecipe:
+    """The teacher a trial learns from: a ResNet of the teacher depth trained with plain CE."""
+    values = {k: getattr(trial, k) for k in INHERITED}
+    values.update(method="ce", shortcut="all", dirac=False,
+                  depth=trial.teacher_depth or trial.depth, epochs=teacher_epochs,
+                  device=trial.device)
+    return TeacherRecipe(tuple(sorted(values.items())))
+
+
+def plan_teachers(space: Space, base: dict[str, Any], teacher_epochs: int) -> list[TeacherRecipe]:
+    """Every teacher the space can ask for: one per data set, teacher depth and width."""
+    def options(key: str) -> tuple:
+        return space.values_of(key, base) or (base.get(key, getattr(RunConfig, key)),)
+
+    methods = options("method")
+    if all(m == "ce" for m in methods):
+        return []
+    teacher_depths = space.values_of("teacher_depth", base) or options("depth")
+    recipes = {}
+    for dataset, depth, width in itertools.product(options("dataset"), teacher_depths,
+                                                   options("width")):
+        trial = RunConfig(**{**{k: v for k, v in base.items() if k in INHERITED},
+                             "dataset": dataset, "depth": depth, "width": width,
+                             "device": base.get("device", "auto")})
+        recipe = teacher_recipe(trial, teacher_epochs)
+        recipes[recipe.key] = recipe
+    return list(recipes.values())
+
+
+def teacher_path(store: Path, recipe: TeacherRecipe) -> Path:
+    return Path(store) / recipe.key / MODEL_NAME
+
+
+def train_teacher(recipe: TeacherRecipe, store: Path) -> dict[str, Any]:
+    """Train one teacher into the store, resuming a partial one; a no-op when it exists.
+
+    It trains in `<key>.partial/` and renames that to `<key>/` when done, so the store only
+    ever holds finished teachers, and a killed search resumes the teacher from its checkpoint.
+    """
+    final = Path(store) / recipe.key
+    if (final / MODEL_NAME).is_file():
+        return {"key": recipe.key, "path": str(final / MODEL_NAME), "trained": False}
+    partial = final.with_name(final.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    ckpt = partial / CHECKPOINT_NAME
+    has_ckpt = ckpt.exists() or ckpt.with_name(CHECKPOINT_NAME + ".prev").exists()
+    metrics = train(recipe.config, partial, quiet=True, resume_from=ckpt if has_ckpt else None)
+    (partial / "config.yaml").write_text(recipe.config.to_yaml())
+    if final.exists():  # another search finished the same teacher first
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    return {"key": recipe.key, "path": str(final / MODEL_NAME), "trained": True,
+            "metrics": metrics}
