@@ -1,0 +1,206 @@
+"""The training benchmark: its FLOP model, its step against a naive one, and an end-to-end run."""
+
+import copy
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from losses import OBJECTIVES, hybrid_logits_naive
+from models import freeze, resnet
+from tuning import bench
+from tuning.config import METHODS, RunConfig
+from tuning.flops import _module_macs, add_model_ratios, cost_model, hybrid_r, network_macs
+from tuning.step import make_optimizer, make_train_step
+from tuning.trainer import objective_kwargs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Thin nets on a shared CPU: extra OpenMP threads only spin against other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("depth", "size", "gmac"), [
+    (18, 32, 0.556), (34, 32, 1.16), (18, 224, 1.82), (34, 224, 3.66),
+])
+def test_flop_counter_gives_the_method_md_figures(depth, size, gmac):
+    # METHOD.md's figures are the ResNets': CIFAR with 10 classes, 224 px with torchvision's
+    # 1000 (the fc is 0.03% of the total, so the class count cannot move them past 1%).
+    assert sum(network_macs(depth, size)) / 1e9 == pytest.approx(gmac, rel=0.01)
+
+
+def test_hybrid_cost_and_step_model_match_method_md():
+    parts = network_macs(18, 32)
+    shares = [p / sum(parts) for p in parts[:4]]
+    assert shares == pytest.approx([0.27, 0.24, 0.24, 0.24], abs=0.01)
+    assert hybrid_r(parts) == pytest.approx(1.45, abs=0.05)
+    model = cost_model(18, 32, width=64)
+    assert model.step_F["jointrd"] == pytest.approx(6.9, abs=0.1)
+    assert model.step_F["alignkd"] / model.step_F["jointrd"] == pytest.approx(0.58, abs=0.01)
+    assert model.step_F["kd"] == model.step_F["alignkd"] > model.step_F["ce"]
+
+
+def _nets(method: str, device: str, channels_last: bool = False):
+    torch.manual_seed(0)
+    student = resnet(18, shortcut="none", width=4).to(device)
+    teacher = None if method == "ce" else freeze(resnet(18, shortcut="all", width=4).to(device))
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
+    return student, teacher
+
+
+def _reference_losses(method, student, teacher, batches, cfg, total_steps):
+    """The plain path: fp32, no autocast, per-parameter SGD loop (foreach=False)."""
+    hp = objective_kwargs(cfg, 0)
+    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, foreach=False)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr * cfg.max_lr_factor,
+                                                total_steps=total_steps,
+                                                div_factor=cfg.max_lr_factor)
+    losses = []
+    for x, y in batches:
+        total, _, _ = OBJECTIVES[method](student, teacher, x, y, **hp)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        sched.step()
+        losses.append(total.item())
+    return losses
+
+
+def _fast_losses(method, student, teacher, batches, cfg, total_steps, device):
+    opt, sched = make_optimizer(student, cfg, total_steps, torch.device(device))
+    step = make_train_step(OBJECTIVES[method], student, teacher, opt, sched, torch.device(device))
+    hp = objective_kwargs(cfg, 0)
+    return [step(x, y, hp)[0].item() for x, y in batches]
+
+
+def _batches(device: str, n: int = 2):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, 32, 32, generator=g).to(device),
+             torch.randint(0, 10, (8,), generator=g).to(device)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_step_equals_the_plain_path_on_cpu(method):
+    cfg, batches = RunConfig(method=method), _batches("cpu")
+    student, teacher = _nets(method, "cpu")
+    ref_student = copy.deepcopy(student)
+    fast = _fast_losses(method, student, teacher, batches, cfg, 3, "cpu")
+    ref = _reference_losses(method, ref_student, teacher, batches, cfg, 3)
+    # On CPU the fast path is fp32 with foreach SGD: the same ops, so the same bits.
+    assert fast == ref
+    for p, q in zip(student.parameters(), ref_student.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_channels_last_step_matches_fp32_on_cuda(method):
+    cfg, batches = RunConfig(method=method), _batches("cuda")
+    student, teacher = _nets(method, "cuda", channels_last=True)
+    ref_student, ref_teacher = _nets(method, "cuda")
+    fast = _fast_losses(method, student, teacher,
+                        [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches],
+                        cfg, 3, "cuda")
+    ref = _reference_losses(method, ref_student, ref_teacher, batches, cfg, 3)
+    assert fast == pytest.approx(ref, rel=3e-2, abs=3e-2)  # bf16 keeps ~3 significant digits
+
+
+def test_quick_benchmark_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert bench.main(["--quick", "--device", "cpu", "--warmup", "0", "--batch-size-224", "2",
+                       "--threads", "1", "--out", str(out)]) == 0
+    assert "jointrd" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["format"] == "plainkd-train-bench/1"
+    assert report["device"]["type"] == "cpu" and report["device"]["name"]
+    assert report["device"]["threads"] == 1 and len(report["device"]["load_avg_end"]) == 3
+    assert report["torch"] == torch.__version__ and report["created"]
+    settings = report["settings"]
+    assert (settings["batch_size"], settings["width"], settings["steps"]) == (8, 4, 1)
+    assert settings["configs"] == ["18x32", "18x224"] and settings["warmup"] == 0
+    rows = report["results"]
+    assert {(r["method"], r["depth"], r["size"]) for r in rows} == {
+        (m, 18, s) for m in METHODS for s in (32, 224)}
+    for r in rows:
+        assert r["peak_mem_bytes"] is None  # CPU: no allocator statistics
+        for key in ("images_per_s", "ms_per_step", "flop_model_step_F", "input_share"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        assert r["images_per_s"] == pytest.approx(r["batch_size"] * 1000 / r["ms_per_step"])
+        same = {q["method"]: q for q in rows if (q["depth"], q["size"]) == (r["depth"], r["size"])}
+        for base in ("jointrd", "ce"):
+            ratio = r[f"ratio_vs_{base}"]
+            assert ratio["measured"] == pytest.approx(r["ms_per_step"] / same[base]["ms_per_step"])
+            model = r["flop_model_step_F"] / same[base]["flop_model_step_F"]
+            assert ratio["model"] == pytest.approx(model)
+    inputs = {(i["size"], i["batch_size"]): i for i in report["input"]}
+    assert set(inputs) == {(32, 8), (224, 2)}
+    for r in rows:
+        inp = inputs[(r["size"], r["batch_size"])]
+        assert inp["ms_per_batch"] > 0 and inp["images_per_s"] > 0
+        assert r["input_share"] == pytest.approx(inp["ms_per_batch"] / r["ms_per_step"])
+    kinds = {(f["size"], f["feature_loss"]): f for f in report["feature_losses"]}
+    assert set(kinds) == {(s, k) for s in (32, 224) for k in ("mse", "at", "nst")}
+    for f in kinds.values():
+        mse = kinds[(f["size"], "mse")]["ms_per_step"]
+        assert f["ratio_vs_mse"] == pytest.approx(f["ms_per_step"] / mse)
+    model = report["flop_model"]["18x32"]
+    assert model["width"] == 4 and model["r"] > 0 and model["gmac_teacher"] > 0
+    assert model["step_F"]["jointrd"] == pytest.approx(
+        model["step_F"]["alignkd"] + 2 * model["r"])
+
+
+def test_a_configuration_that_ran_out_of_memory_keeps_the_rest_of_the_report():
+    models = {"18x32": cost_model(18, 32, width=4).to_dict()}
+    rows = [{"method": "alignkd", "depth": 18, "size": 32, "ms_per_step": 10.0},
+            {"method": "jointrd", "depth": 18, "size": 32, "ms_per_step": None}]
+    add_model_ratios(rows, models)
+    assert rows[0]["ratio_vs_jointrd"]["measured"] is None
+    assert rows[0]["ratio_vs_jointrd"]["model"] == pytest.approx(
+        models["18x32"]["step_F"]["alignkd"] / models["18x32"]["step_F"]["jointrd"])
+    assert rows[1]["ratio_vs_ce"] == {"measured": None, "model": pytest.approx(
+        models["18x32"]["step_F"]["jointrd"] / models["18x32"]["step_F"]["ce"])}
+    for r in rows:
+        r.update(size=32, batch_size=8, input_share=None, peak_mem_bytes=None,
+                 images_per_s=r["ms_per_step"] and 800.0)
+    report = {"device": {"name": "x", "type": "cuda"}, "torch": "t", "results": rows,
+              "settings": {"width": 4, "steps": 1}, "input": [], "feature_losses": [],
+              "compiled": [], "flop_model": models}
+    assert "jointrd" in bench.format_tables(report)
+
+
+def test_inference_flag_hands_over(monkeypatch):
+    seen = []
+    fake = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0)
+    monkeypatch.setitem(sys.modules, "tuning.inference", fake)
+    assert bench.main(["--inference", "--quick"]) == 0 and seen == [["--quick"]]
+
+
+def test_search_overhead_without_its_module_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tuning.overhead", None)  # import now fails
+    assert bench.main(["--search-overhead"]) == 2
+    assert "tuning/overhead.py" in capsys.readouterr().err
+
+
+def test_r_counts_the_hybrid_paths_that_jointrd_runs():
+    # r from the stage split, against the MACs of the naive hybrid forward actually run.
+    teacher = freeze(resnet(18, shortcut="all", width=8))
+    macs = []
+    for m in teacher.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(lambda mod, _i, out: macs.append(_module_macs(mod, out)))
+    s = [torch.zeros(1, c, h, h) for c, h in ((8, 32), (16, 16), (32, 8), (64, 4))]
+    with torch.no_grad():
+        hybrid_logits_naive(s, teacher)
+    parts = network_macs(18, 32, width=8)
+    assert sum(macs) / sum(parts) == pytest.approx(hybrid_r(parts))

@@ -1,0 +1,63 @@
+"""The training step and its optimizer, shared by the trainer and the throughput benchmark.
+
+Both call these, so the benchmark times exactly the step that training runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import param_groups
+from tuning.config import RunConfig
+
+Result = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
+Step = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], Result]
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA; plain fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def make_optimizer(
+    student: nn.Module, cfg: RunConfig, total_steps: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+    """SGD (fused on CUDA, foreach elsewhere) and its OneCycle schedule over total_steps."""
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.SGD(param_groups(student, cfg.weight_decay), lr=cfg.lr,
+                                momentum=cfg.momentum, nesterov=cfg.nesterov, **fast)
+    # div_factor = max_lr_factor: the cycle starts at lr and peaks at lr * max_lr_factor.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr * cfg.max_lr_factor, total_steps=total_steps,
+        div_factor=cfg.max_lr_factor)
+    return optimizer, scheduler
+
+
+def make_train_step(
+    objective: Callable[..., Result],
+    student: nn.Module,
+    teacher: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    device: torch.device,
+) -> Step:
+    """A function (x, y, hyperparameters) -> (total, terms, logits) that takes one SGD step."""
+
+    def step(x: torch.Tensor, y: torch.Tensor, hp: dict[str, Any]) -> Result:
+        with autocast(device):
+            total, terms, logits = objective(student, teacher, x, y, **hp)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return total, terms, logits
+
+    return step
