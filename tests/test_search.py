@@ -1,6 +1,5 @@
 """The search end to end, with real Ray, Optuna and real subprocesses."""
 
-import csv
 import os
 import signal
 import subprocess
@@ -10,23 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from searchutil import rows, search_args, tracking_uri
 
 from tuning.config import RunConfig
 from tuning.search import main
 from tuning.train import main as train_main
 
 pytestmark = pytest.mark.slow
-
-
-def search_args(root: Path, name: str, *extra: str, space: str = "alignkd") -> list[str]:
-    return ["--space", space, "--smoke", "--name", name, "--storage-path", str(root / "ray"),
-            "--teacher-store", str(root / "teachers"), "--data-root", str(root / "datasets"),
-            "--teacher-epochs", "2", *extra]
-
-
-def rows(root: Path, name: str) -> list[dict]:
-    with open(root / "ray" / name / "results.csv") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +98,17 @@ def test_resume_after_the_driver_is_killed(ray_session, root, tmp_path):
     table = rows(root, name)
     assert len(table) == 3 and len({r["trial_id"] for r in table}) == 3
     assert all(r["status"] == "TERMINATED" and r["epochs"] == "3" for r in table), table
+    # MLflow: one child run per trial, none left RUNNING, the parent finished.
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri(root))
+    exp = mlflow.get_experiment_by_name(name)
+    runs = mlflow.search_runs([exp.experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 3
+    assert sorted(r.data.tags["ray_trial_id"] for r in children) == sorted(
+        r["trial_id"] for r in table)
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
 
 
 CLUSTER_SCRIPT = textwrap.dedent("""
@@ -142,7 +142,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(root, tmp_path):
 @pytest.mark.parametrize("case", [
     "unknown_space", "malformed_space", "unreachable_address", "resume_missing",
     "zero_samples", "negative_samples", "bad_set_key", "unwritable_storage", "missing_data",
-    "resume_other_space", "name_exists", "bad_flag",
+    "resume_other_space", "name_exists", "bad_flag", "unreachable_tracking",
 ])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, capsys):
     bad_space = tmp_path / "bad.yaml"
@@ -166,9 +166,12 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
                                "was started with space alignkd"),
         "name_exists": (["--name", "smoke"], "already exists"),
         "bad_flag": (["--scheduler", "hyperband"], "invalid choice"),
+        "unreachable_tracking": (["--tracking-uri", "http://127.0.0.1:9"],
+                                 "MLflow tracking at http://127.0.0.1:9 is unreachable"),
     }[case]
     base = ["--storage-path", str(tmp_path / "ray"), "--teacher-store", str(tmp_path / "t"),
-            "--data-root", str(tmp_path / "datasets"), "--smoke"]
+            "--data-root", str(tmp_path / "datasets"), "--smoke",
+            "--tracking-uri", tracking_uri(tmp_path)]
     if case in ("resume_other_space", "name_exists"):
         if before is None:
             pytest.skip("needs the smoke search of this module")
@@ -182,5 +185,6 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
     assert len(err.strip().splitlines()) == 1, err
     if case not in ("resume_other_space", "name_exists"):
         assert not (tmp_path / "ray").exists() and not (tmp_path / "t").exists()
+        assert not (tmp_path / "mlflow.db").exists()
     if before is not None:
         assert sorted(p.name for p in existing.iterdir()) == before

@@ -14,33 +14,60 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from tuning import report, tracking
 from tuning.checkpoint import atomic_write_text
+from tuning.results import error_reason
 from tuning.space import Space, SpaceSampler
 from tuning.teachers import plan_teachers, teacher_path, train_teacher
 from tuning.trainable import SearchContext, run_trial
 
 METRIC = "val_acc"
+SETTINGS_NAME = "search.yaml"
 
 
 def ensure_ray(address: str | None) -> bool:
     """Start or join Ray unless this process already did; True when we started it."""
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Every epoch is a checkpoint; Tune's warning about frequent snapshots is expected here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(address=address, include_dashboard=False, log_to_driver=True,
              configure_logging=True, logging_level="warning")
     return True
 
 
-def train_teachers(space: Space, settings: dict[str, Any]) -> None:
+class TrialRunStatus(tune.Callback):
+    """Marks a trial's MLflow run as it ends: FAILED with the reason, or stopped early."""
+
+    def __init__(self, tracker: tracking.Tracker, epochs: int) -> None:
+        self.tracker, self.epochs = tracker, epochs
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        run_id = self.tracker.find_trial_run(trial.trial_id)
+        if run_id is not None:
+            error = trial.get_error()
+            reason = error_reason(error) if error else "trial errored"
+            self.tracker.end_trial_run(run_id, "FAILED", reason=reason)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        epochs_done = int((trial.last_result or {}).get("epoch", 0))
+        if epochs_done >= self.epochs:
+            return  # the trial ended its own run, with its artifacts
+        run_id = self.tracker.find_trial_run(trial.trial_id)
+        if run_id is not None:
+            self.tracker.end_trial_run(run_id, "FINISHED", stopped_early=True)
+
+
+def train_teachers(space: Space, settings: dict[str, Any]) -> list[Path]:
     """Train every missing teacher the space can ask for, as parallel Ray tasks."""
     store = Path(settings["teacher_store"])
     recipes = plan_teachers(space, settings["overrides"], settings["teacher_epochs"])
     missing = [r for r in recipes if not teacher_path(store, r).is_file()]
     print(f"teachers: {len(recipes)} needed, {len(recipes) - len(missing)} in the store "
           f"{store}", flush=True)
+    paths = [teacher_path(store, r) for r in recipes]
     if not missing:
-        return
+        return paths
     task = ray.remote(num_cpus=settings["cpus_per_trial"], num_gpus=settings["gpus_per_trial"],
                       max_retries=1)(train_teacher)
     refs = {task.remote(r, store): r for r in missing}
@@ -48,6 +75,7 @@ def train_teachers(space: Space, settings: dict[str, Any]) -> None:
         done = ray.get(ref)
         acc = done.get("metrics", {}).get("best_val_acc", math.nan)
         print(f"teacher {done['key']}: val_acc {acc:.4f}", flush=True)
+    return paths
 
 
 def make_searcher(space: Space, settings: dict[str, Any]):
@@ -87,15 +115,22 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
     from tuning import results as res
     from tuning.search import write_settings
 
+    commit = tracking.git_commit()
+    tracker = tracking.start_parent(settings["tracking_uri"], settings, commit)
+    if not resume:
+        settings["parent_run_id"] = tracker.parent_run_id
+        write_settings(folder, settings)
     started = ensure_ray(address)
+    status = "KILLED"
     try:
-        if not resume:
-            write_settings(folder, settings)
-        train_teachers(space, settings)
+        teachers = train_teachers(space, settings)
+        teacher_runs = {str(p): tracking.teacher_run(tracker.uri, p.parent, commit)
+                        for p in teachers}
         context = SearchContext(space=space, overrides=settings["overrides"],
                                 teacher_store=settings["teacher_store"],
                                 teacher_epochs=settings["teacher_epochs"],
-                                search_name=settings["name"])
+                                search_name=settings["name"], tracker=tracker,
+                                teacher_runs=teacher_runs)
         trainable = make_trainable(context, settings)
         experiment = f"{settings['storage_path'].rstrip('/')}/{settings['name']}"
         if resume and tune.Tuner.can_restore(experiment):
@@ -112,7 +147,8 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
                 run_config=tune.RunConfig(
                     name=settings["name"], storage_path=settings["storage_path"],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    failure_config=tune.FailureConfig(max_failures=2), verbose=1),
+                    failure_config=tune.FailureConfig(max_failures=2), verbose=1,
+                    callbacks=[TrialRunStatus(tracker, settings["epochs"])]),
             )
         grid = tuner.fit()
         rows = res.trial_rows(grid, context)
@@ -122,8 +158,17 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
             with best["_result"].checkpoint.as_directory() as ckpt_dir:
                 best["test_acc"] = res.test_accuracy(best["_config"], Path(ckpt_dir))
             atomic_write_text(folder / "best_config.yaml", best["_config"].to_yaml())
+        tracking.settle_trial_runs(tracker, rows)
         res.write_csv(rows, folder / "results.csv")
         print(res.table_text(rows))
+        try:
+            report_text, _ = report.build(tracker.uri, settings["name"], folder / "plots")
+            print(report_text)
+        except Exception as err:  # noqa: BLE001 - plots are a convenience; never lose a search
+            print(f"warning: the comparison plots failed ({err}); the results are intact")
+        status = "FINISHED"
+        tracking.finish_parent(tracker, [folder / "results.csv", folder / "best_config.yaml",
+                                         folder / SETTINGS_NAME], best)
         if best is None:
             print(f"no trial finished; see {folder / 'results.csv'} for the errors")
             return 1
@@ -135,6 +180,8 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
               f"(run it again with `python -m tuning.train --config {best_yaml}`)")
         return 0
     finally:
+        if status != "FINISHED":
+            tracking.client(tracker.uri).set_terminated(tracker.parent_run_id, status=status)
         if started:
             ray.shutdown()
 

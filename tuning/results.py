@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,13 @@ from tuning.trainer import CHECKPOINT_NAME, evaluate, resolve_device
 
 FIRST_COLUMNS = ["trial_id", "status", "method", "dataset", "depth", "val_acc", "test_acc",
                  "train_time", "epochs", "pareto"]
+
+
+def error_reason(error: Any) -> str:
+    """The cause of a trial's error: the last line of Ray's report, without colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(error).__name__
 
 
 def trial_status(error: Any, epochs_done: int, epochs: int) -> str:
@@ -43,7 +51,7 @@ def trial_rows(results, context) -> list[dict[str, Any]]:
             "train_time": metrics.get("train_time", math.nan),
             "epochs": epochs_done, "node_id": metrics.get("node_id", ""),
             **{k: v for k, v in sample.items() if k not in ("method", "dataset", "depth")},
-            "error": str(result.error).splitlines()[0][:200] if result.error else "",
+            "error": error_reason(result.error) if result.error else "",
             "_result": result, "_config": cfg,
         })
     return rows
@@ -108,4 +116,5 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
+    text = str(value)
+    return text[:8] if len(text) > 24 else text  # run and node ids: the CSV has them whole

@@ -15,6 +15,7 @@ from data import DataError, load_arrays
 from tuning.checkpoint import atomic_write_text
 from tuning.config import ConfigError, RunConfig, UserError
 from tuning.space import Space, load_space, parse_space
+from tuning.tracking import check_reachable, default_tracking_uri
 
 SMOKE = {"dataset": "digits", "depth": 18, "width": 8, "batch_size": 64}
 SMOKE_SETTINGS = {"epochs": 4, "teacher_epochs": 4, "num_samples": 4, "max_concurrent": 2}
@@ -52,6 +53,9 @@ def build_parser() -> Parser:
     p.add_argument("--data-root", default="datasets", help="where data sets are (or go)")
     p.add_argument("--teacher-store", default="teachers",
                    help="cache of trained teachers, keyed by recipe (shared fs on a cluster)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///mlflow.db here, artifacts in ./mlartifacts)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a run-config value for every trial (removes it from the search)")
     return p
@@ -100,6 +104,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
                                                "gpus_per_trial", "cpus_per_trial")}
     if args.smoke:
         overrides = {**SMOKE, **overrides}
+        if space.grid and settings["num_samples"] is None:
+            settings["num_samples"] = space.grid_size
         settings.update({k: v for k, v in SMOKE_SETTINGS.items() if settings[k] is None})
     overrides["data_root"] = str(Path(args.data_root).resolve())
     overrides["seed"] = args.seed
@@ -108,8 +114,11 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     epochs = overrides.get("epochs", space.fixed.get("epochs", RunConfig.epochs))
     settings["epochs"] = epochs
     settings["teacher_epochs"] = settings["teacher_epochs"] or epochs
+    if space.grid:
+        # Each grid point once: more samples would make the grid sampler repeat points.
+        settings["num_samples"] = min(settings["num_samples"] or space.grid_size, space.grid_size)
     if settings["num_samples"] is None:
-        settings["num_samples"] = space.grid_size or 20
+        settings["num_samples"] = 20
     if settings["num_samples"] < 1:
         raise UserError(f"--num-samples must be at least 1; got {settings['num_samples']}")
     settings["max_concurrent"] = settings["max_concurrent"] or 0  # 0: no limit
@@ -120,7 +129,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
         settings["gpus_per_trial"] = 1.0 if torch.cuda.is_available() else 0.0
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sampler = "grid" if space.grid else ("nsga2" if settings["objective"] == "acc-time" else "tpe")
     return {"name": name, "space_name": space.name, "space_source": space.source,
+            "sampler": sampler, "tracking_uri": default_tracking_uri(args.tracking_uri),
             "space_text": space.text, "space_digest": space.digest, "overrides": overrides,
             "teacher_store": str(Path(args.teacher_store).resolve()),
             "storage_path": storage_uri(args.storage_path), **settings}
@@ -149,6 +160,8 @@ def load_resume_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"no search named {args.name!r} under {args.storage_path}; check --name "
                         "and --storage-path, or start it without --resume")
     settings = yaml.safe_load(path.read_text())
+    if args.tracking_uri:
+        settings["tracking_uri"] = args.tracking_uri
     if args.space:
         space = load_space(args.space)
         if space.digest != settings["space_digest"]:
@@ -180,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             except OSError:
                 raise UserError(f"--storage-path {storage} is not writable; choose a folder you "
                                 "can write to") from None
+        check_reachable(settings["tracking_uri"])
         from tuning.driver import run_search  # imports Ray only once the input is known good
 
         return run_search(settings, space, address=args.address, resume=args.resume,

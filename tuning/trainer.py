@@ -70,6 +70,7 @@ def save_model(net: nn.Module, path: Path, *, cfg: RunConfig, data: DataBundle,
     atomic_torch_save({
         "format": MODEL_FORMAT, "arch": dict(net.arch), "dataset": data.name,
         "num_classes": data.num_classes, "classes": list(data.classes), "stem": data.stem,
+        "mean": list(data.mean), "std": list(data.std),
         "config": cfg.to_dict(), "metrics": metrics, "state_dict": state,
     }, path)
 
@@ -230,6 +231,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
             "train_time": train_time, "eval_time": eval_time,
         }
         history.append(metrics)
+        if epoch + 1 == cfg.epochs:
+            # Finish before the listeners hear of the last epoch: a scheduler may stop the
+            # trial inside its last report, and the final metrics belong in that report.
+            metrics.update(_finish(student, data, cfg, run_dir, metrics, device, evaluate_test))
         save_checkpoint({
             "model": student.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
@@ -241,12 +246,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
         for listener in listeners:
             listener(metrics, ckpt_path)
 
-    final = dict(history[-1]) if history else {}
-    final.update(best_val_acc=best_val, last_val_acc=final.get("val_acc", float("nan")),
-                 train_time=train_time, eval_time=eval_time)
+    return dict(history[-1])  # the last epoch's metrics carry the final ones
+
+
+def _finish(student: nn.Module, data: DataBundle, cfg: RunConfig, run_dir: Path,
+            metrics: dict[str, Any], device: torch.device, evaluate_test: bool) -> dict:
+    """The final metrics; test accuracy (when asked) and model.pt, written atomically."""
+    final = {"last_val_acc": metrics["val_acc"]}
     if evaluate_test:
         t1 = time.perf_counter()
         final["test_acc"] = evaluate(student, data.test, device)
-        final["eval_time"] = eval_time + time.perf_counter() - t1
-    save_model(student, run_dir / MODEL_NAME, cfg=cfg, data=data, metrics=final)
+        final["eval_time"] = metrics["eval_time"] + time.perf_counter() - t1
+    save_model(student, run_dir / MODEL_NAME, cfg=cfg, data=data, metrics={**metrics, **final})
     return final

@@ -1,0 +1,179 @@
+"""MLflow tracking of real searches: SQLite, and a real `mlflow server` read over REST."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from searchutil import rows, search_args, tracking_uri
+
+from tuning import report
+from tuning.search import main
+from tuning.tracking import scrub
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def searched(ray_session, tmp_path_factory):
+    """One compare search with ASHA: some trials finish, some are stopped early."""
+    root = tmp_path_factory.mktemp("tracked")
+    assert main(search_args(root, "tracked", "--num-samples", "4", "--epochs", "3",
+                            space="compare")) == 0
+    return root
+
+
+def runs_of(root: Path, name: str):
+    mlflow = MlflowClient(tracking_uri(root))
+    exp = mlflow.get_experiment_by_name(name)
+    assert exp is not None, f"no experiment named {name}"
+    runs = mlflow.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("role") == "search"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return mlflow, parent, children
+
+
+def test_one_experiment_one_parent_and_a_nested_run_per_trial(searched):
+    mlflow, parent, children = runs_of(searched, "tracked")
+    table = rows(searched, "tracked")
+    assert len(parent) == 1 and len(children) == len(table) == 4
+    p = parent[0]
+    assert {"space", "sampler", "scheduler", "num_samples", "seed"} <= set(p.data.params)
+    assert p.data.params["sampler"] == "tpe" and p.data.params["num_samples"] == "4"
+    artifacts = {a.path for a in mlflow.list_artifacts(p.info.run_id)}
+    assert {"results.csv", "best_config.yaml", "search.yaml", "plots"} <= artifacts
+    plots = {a.path for a in mlflow.list_artifacts(p.info.run_id, "plots")}
+    assert {"plots/val_acc_per_epoch.png", "plots/acc_vs_time.png"} <= plots
+    assert all(c.data.tags["mlflow.parentRunId"] == p.info.run_id for c in children)
+    assert {r.info.status for r in [p, *children]} == {"FINISHED"}
+
+
+def test_trial_runs_hold_params_curves_tags_and_artifacts(searched):
+    mlflow, _, children = runs_of(searched, "tracked")
+    table = {r["trial_id"]: r for r in rows(searched, "tracked")}
+    teacher_exp = mlflow.get_experiment_by_name("teachers")
+    teacher_ids = {r.info.run_id for r in mlflow.search_runs([teacher_exp.experiment_id])}
+    for run in children:
+        params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+        assert {"method", "dataset", "depth", "teacher_depth", "width", "teacher", "seed",
+                "lr", "weight_decay", "eta_kind"} <= set(params)
+        assert any(k.startswith("sampled.") for k in params)
+        assert {"ray_trial_id", "search", "git_commit", "device"} <= set(tags)
+        assert tags["teacher_run_id"] in teacher_ids  # links to the teacher's own run
+        row = table[tags["ray_trial_id"]]
+        history = mlflow.get_metric_history(run.info.run_id, "val_acc")
+        assert sorted(m.step for m in history) == list(range(1, int(row["epochs"]) + 1))
+        assert {"train_loss", "loss_ce", "lr", "eta", "epoch_time", "images_per_s",
+                "best_val_acc", "train_time"} <= set(metrics)
+        term = "loss_kl" if params["method"] == "alignkd" else "loss_hybrid_ce_1"
+        assert term in metrics
+        artifacts = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
+        if row["status"] == "TERMINATED":
+            assert {"model.pt", "config.yaml"} <= artifacts
+            assert tags["stopped_early"] == "false"
+        else:
+            assert row["status"] == "STOPPED_EARLY" and tags["stopped_early"] == "true"
+    best = max(table.values(), key=lambda r: float(r["val_acc"]))
+    best_run = next(c for c in children if c.data.tags["ray_trial_id"] == best["trial_id"])
+    assert best_run.data.metrics["test_acc"] == pytest.approx(float(best["test_acc"]))
+
+
+def test_report_prints_the_comparison_and_writes_plots(searched, tmp_path):
+    text, pngs = report.build(tracking_uri(searched), "tracked", tmp_path, log_to_parent=False)
+    assert "search tracked: 4 trial runs" in text
+    assert "digits" in text and ("alignkd" in text or "jointrd" in text)
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_report_ratio_and_pareto_front_from_records():
+    runs = [
+        {"run_id": "a", "status": "FINISHED", "method": "alignkd", "dataset": "c", "depth": 18,
+         "val_acc": 0.9, "test_acc": 0.88, "train_time": 90.0, "epochs": 10, "epoch_time": 9.0},
+        {"run_id": "b", "status": "FINISHED", "method": "jointrd", "dataset": "c", "depth": 18,
+         "val_acc": 0.91, "test_acc": 0.9, "train_time": 120.0, "epochs": 10, "epoch_time": 12.0},
+        {"run_id": "c", "status": "FAILED", "method": "jointrd", "dataset": "c", "depth": 18,
+         "val_acc": 0.99, "test_acc": 0.0, "train_time": 1.0, "epochs": 1, "epoch_time": 1.0},
+    ]
+    table = report.comparison(runs)
+    assert [r["method"] for r in table] == ["alignkd", "jointrd"]
+    assert table[0]["alignkd/jointrd"] == pytest.approx(0.75)
+    assert table[1]["best_val_acc"] == 0.91  # the failed run is not a result
+    assert report.pareto_front([(1, 0.5), (2, 0.4), (3, 0.7), (4, 0.6)]) == [(1, 0.5), (3, 0.7)]
+
+
+def test_a_diverging_trial_is_failed_with_its_reason_and_the_search_goes_on(ray_session,
+                                                                            tmp_path):
+    space = tmp_path / "wild.yaml"
+    space.write_text("fixed: {method: alignkd}\ngrid:\n  lr: [0.02, 100000.0]\n")
+    code = main(search_args(tmp_path, "wild", "--epochs", "2", "--scheduler", "fifo",
+                            space=str(space)))
+    assert code == 0
+    table = {float(r["lr"]): r for r in rows(tmp_path, "wild")}
+    assert table[0.02]["status"] == "TERMINATED"
+    assert table[100000.0]["status"] == "ERROR"
+    assert "training loss became" in table[100000.0]["error"]
+    _, _, children = runs_of(tmp_path, "wild")
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert len(children) == 2 and len(failed) == 1
+    assert "training loss became" in failed[0].data.tags["failure_reason"]
+
+
+def test_credentials_never_become_params_or_tags():
+    assert scrub("aws_secret_access_key", "x") is None
+    assert scrub("tracking", "http://user:pw@host:5000") is None
+    assert scrub("note", "token=abc") is None
+    assert scrub("lr", 0.1) == "0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_runs_reach_a_real_mlflow_server_read_over_rest(ray_session, tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "server did not start"
+                time.sleep(1)
+        args = search_args(tmp_path, "served", "--num-samples", "1", "--epochs", "1",
+                           "--scheduler", "fifo")
+        args[args.index("--tracking-uri") + 1] = base
+        assert main(args) == 0
+        exp = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=served")
+        exp_id = exp["experiment"]["experiment_id"]
+        found = _get(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in found]
+        assert sum(t.get("role") == "search" for t in tags) == 1
+        child = [r for r, t in zip(found, tags, strict=True) if "mlflow.parentRunId" in t]
+        assert len(child) == 1 and child[0]["info"]["status"] == "FINISHED"
+        keys = {m["key"] for m in child[0]["data"]["metrics"]}
+        assert {"val_acc", "train_loss", "images_per_s"} <= keys
+    finally:
+        server.kill()
+        server.wait()
