@@ -40,6 +40,10 @@ class DivergedError(RuntimeError):
     """The training loss stopped being finite."""
 
 
+class OutOfMemory(RuntimeError):
+    """The run does not fit in the device memory it was given."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -199,7 +203,13 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
         progress = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs}")
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(data.train):
-            total, terms, logits = train_step(x, y, hp)
+            try:
+                total, terms, logits = train_step(x, y, hp)
+            except torch.OutOfMemoryError:
+                raise OutOfMemory(
+                    f"out of GPU memory in epoch {epoch + 1} at batch {cfg.batch_size} "
+                    f"({cfg.method}, depth {cfg.depth}, width {cfg.width}); give each trial "
+                    "more of the GPU (a larger --gpus-per-trial) or lower batch_size") from None
             n = len(y)
             for name, value in (("loss", total.detach()), *terms.items()):
                 value = value.float() * n
