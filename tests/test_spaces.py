@@ -41,13 +41,38 @@ def test_each_space_samples_valid_run_configs(name):
         assert cfg.dataset in ("cifar10", "cifar100", "imagewoof") and cfg.depth in (18, 34)
         assert cfg.eta_end <= cfg.eta_start  # the schedule decays
         assert 20 <= cfg.eta_epochs <= 120  # eta_span 0.1..0.6 of 200 epochs
-        assert cfg.shortcut == "none"
+        assert cfg.shortcut in ("none", "downsample")
 
 
 def test_alignkd_space_searches_what_the_issue_lists():
     names = {p.name for p in load_space("alignkd").params}
     assert {"alpha", "temperature", "eta_kind", "eta_start", "eta_end", "eta_span", "lr",
-            "weight_decay", "dataset", "depth"} <= names
+            "weight_decay", "dataset", "depth", "feature_loss", "teacher_depth"} <= names
+
+
+def test_alignkd_samples_every_feature_loss_and_cross_depth_pairs():
+    samples = sample_configs(load_space("alignkd"), n=40)
+    assert {s["feature_loss"] for s in samples} == {"mse", "at", "nst"}
+    assert any(s["teacher_depth"] == 34 and s["depth"] == 18 for s in samples)
+
+
+def test_jointrd_space_searches_the_original_student_options():
+    samples = sample_configs(load_space("jointrd"), n=40)
+    assert {s["shortcut"] for s in samples} == {"none", "downsample"}
+    assert {s["dirac"] for s in samples} == {False, True}
+
+
+def test_teacher_plan_covers_every_dataset_and_teacher_depth():
+    from tuning.teachers import plan_teachers
+
+    space = load_space("alignkd")
+    plan = plan_teachers(space, {"seed": 0, "width": 64}, teacher_epochs=200)
+    assert sorted((r.config.dataset, r.config.depth) for r in plan) == sorted(
+        (d, n) for d in ("cifar10", "cifar100", "imagewoof") for n in (18, 34))
+    assert all(r.config.shortcut == "all" and r.config.method == "ce" for r in plan)
+    smoke = plan_teachers(space.without({"dataset", "depth"}),
+                          {"dataset": "digits", "depth": 18, "width": 8}, teacher_epochs=4)
+    assert sorted(r.config.depth for r in smoke) == [18, 34]
 
 
 def test_compare_parameters_are_conditional_on_the_method():

@@ -177,3 +177,16 @@ def test_runs_reach_a_real_mlflow_server_read_over_rest(ray_session, tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+def test_export_takes_a_finished_trials_mlflow_run_id(searched, tmp_path, monkeypatch):
+    from tuning import export
+
+    _, _, children = runs_of(searched, "tracked")
+    done = next(c for c in children if c.data.tags["stopped_early"] == "false")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(searched))
+    monkeypatch.chdir(tmp_path)
+    assert export.main([done.info.run_id, "--out", str(tmp_path / "out"),
+                        "--formats", "torchscript"]) == 0
+    assert (tmp_path / "out" / "model.ts").is_file()
+    assert (tmp_path / "exports" / done.info.run_id / "model.pt").is_file()

@@ -1,5 +1,6 @@
 """The single run: config round-trip, exact resume, bad input, and real learning."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,30 @@ def test_resnet_teacher_learns_real_cifar10_well_above_chance(tmp_path):
     final = train(cfg, tmp_path, quiet=True)
     assert final["best_val_acc"] > 0.3, final  # chance is 0.1
     assert final["test_acc"] > 0.3, final
+
+
+@pytest.fixture(scope="module")
+def teacher34(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher34")
+    train(RunConfig(method="ce", shortcut="all", depth=34, **{**THIN, "epochs": 1}), out,
+          quiet=True)
+    return out / "model.pt"
+
+
+@pytest.mark.parametrize(("method", "shortcut", "dirac"), [
+    ("alignkd", "none", False), ("jointrd", "downsample", True)])
+def test_resnet34_teacher_distils_into_a_plain18_student(tmp_path, teacher34, method, shortcut,
+                                                         dirac):
+    cfg = RunConfig(method=method, teacher=str(teacher34), teacher_depth=34, depth=18,
+                    shortcut=shortcut, dirac=dirac, **{**THIN, "epochs": 1})
+    final = train(cfg, tmp_path, quiet=True)
+    assert math.isfinite(final["train_loss"])
+    _, meta = load_model(tmp_path / "model.pt")
+    assert meta["arch"] == {"depth": 18, "shortcut": shortcut, "stem": "cifar",
+                            "num_classes": 10, "width": 4, "dirac": dirac}
+
+
+def test_teacher_depth_must_match_the_teacher(tmp_path, teacher34):
+    cfg = RunConfig(method="alignkd", teacher=str(teacher34), teacher_depth=18, **THIN)
+    with pytest.raises(CheckpointError, match="is ResNet-34 but teacher_depth is 18"):
+        train(cfg, tmp_path, quiet=True)

@@ -12,6 +12,7 @@ import datetime
 import io
 import json
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -45,9 +46,31 @@ def _path_source(arg: str) -> Path | None:
     return path if path.exists() else None
 
 
-# Tried in order; the first that returns a path wins. An MLflow run-id resolver (download
-# the run's model.pt artifact, return its local path) is meant to be appended here.
-RESOLVERS: list[Callable[[str], Path | None]] = [_path_source]
+def _mlflow_source(arg: str) -> Path | None:
+    """An MLflow run id (or runs:/<id>): its model.pt artifact, fetched into exports/<id>/.
+
+    The tracking store is $MLFLOW_TRACKING_URI, else the local sqlite:///mlflow.db.
+    """
+    run_id = arg.removeprefix("runs:/").strip("/")
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        return None
+    from tuning.tracking import check_reachable, client, default_tracking_uri
+
+    uri = default_tracking_uri()
+    check_reachable(uri)
+    dest = Path("exports") / run_id
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        local = client(uri).download_artifacts(run_id, MODEL_NAME, str(dest))
+    except Exception as err:  # noqa: BLE001 - any MLflow failure is "no such model"
+        raise CheckpointError(f"MLflow run {run_id} in {uri} has no {MODEL_NAME} artifact "
+                              f"({str(err).splitlines()[0][:120]}); pick a finished trial's "
+                              "run, or set MLFLOW_TRACKING_URI") from None
+    return Path(local)
+
+
+# Tried in order; the first that returns a path wins.
+RESOLVERS: list[Callable[[str], Path | None]] = [_path_source, _mlflow_source]
 
 
 def resolve_source(arg: str) -> Path:
@@ -195,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m tuning.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="a model.pt, or the run directory that holds it")
+    p.add_argument("source", help="a model.pt, the run directory that holds it, or an MLflow "
+                                  "run id (a finished trial's run)")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: <run dir>/export/)")
     p.add_argument("--formats", nargs="+", choices=sorted(FORMATS),
