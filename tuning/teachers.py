@@ -56,8 +56,8 @@ def plan_teachers(space: Space, base: dict[str, Any], teacher_epochs: int) -> li
         return space.values_of(key, base) or (base.get(key, getattr(RunConfig, key)),)
 
     methods = options("method")
-    if all(m == "ce" for m in methods):
-        return []
+    if all(m == "ce" for m in methods) or options("teacher") != (None,):
+        return []  # no distillation, or every trial names its own teacher
     teacher_depths = space.values_of("teacher_depth", base) or options("depth")
     recipes = {}
     for dataset, depth, width in itertools.product(options("dataset"), teacher_depths,
