@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{settings['storage_path']}; pass --resume to continue it, or "
                             "a new --name")
         check_data(space, settings["overrides"])
+        check_reachable(settings["tracking_uri"])
         storage = settings["storage_path"]
         if "://" not in storage:
             probe = Path(storage)
@@ -193,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
             except OSError:
                 raise UserError(f"--storage-path {storage} is not writable; choose a folder you "
                                 "can write to") from None
-        check_reachable(settings["tracking_uri"])
         from tuning.driver import run_search  # imports Ray only once the input is known good
 
         return run_search(settings, space, address=args.address, resume=args.resume,

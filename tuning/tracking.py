@@ -73,7 +73,18 @@ def client(uri: str):
 
 
 def check_reachable(uri: str) -> None:
-    """One clear error, before any trial starts, when the tracking store cannot be used."""
+    """One clear error, before any trial starts, when the tracking store cannot be used.
+
+    A local SQLite store is only checked for a writable folder: creating it here would
+    write a file before the rest of the input is known to be good.
+    """
+    if uri.startswith("sqlite:///"):
+        # sqlite:///rel.db is relative to the working folder, sqlite:////abs.db absolute.
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UserError(f"MLflow tracking at {uri} cannot be created: {folder} is not a "
+                            "writable folder; fix the path or pass another --tracking-uri")
+        return
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
