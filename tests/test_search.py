@@ -111,6 +111,23 @@ def test_resume_after_the_driver_is_killed(ray_session, root, tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
 
 
+GOOD_SPACE = "fixed: {method: alignkd}\nparams:\n  alpha: {type: float, low: 0, high: 1}\n"
+
+
+def _three_class_teacher(folder: Path) -> Path:
+    import numpy as np
+
+    from tuning.trainer import train
+
+    data = folder / "three.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, images=rng.integers(0, 255, (60, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(60) % 3)
+    train(RunConfig(method="ce", shortcut="all", dataset="npz", data_path=str(data), width=4,
+                    epochs=1, batch_size=64, device="cpu"), folder / "three", quiet=True)
+    return folder / "three" / "model.pt"
+
+
 CLUSTER_SCRIPT = textwrap.dedent("""
     import sys
     from ray.cluster_utils import Cluster
@@ -143,12 +160,30 @@ def test_two_node_cluster_runs_trials_on_both_nodes(root, tmp_path):
     "unknown_space", "malformed_space", "unreachable_address", "resume_missing",
     "zero_samples", "negative_samples", "bad_set_key", "unwritable_storage", "missing_data",
     "resume_other_space", "name_exists", "bad_flag", "unreachable_tracking",
+    "space_yaml", "space_unknown_key", "space_negative_lam", "space_eta_order",
+    "space_empty_choice", "set_unknown_dataset", "set_unknown_method", "teacher_classes",
+    "teacher_corrupt", "negative_concurrency",
 ])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, capsys):
     bad_space = tmp_path / "bad.yaml"
     bad_space.write_text("params:\n  alpha: {type: float, low: 0, high: 3}\n")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
+    spaces = {
+        "space_yaml": "params: [alpha\n",
+        "space_unknown_key": "params:\n  alfa: {type: float, low: 0, high: 1}\n",
+        "space_negative_lam": "params:\n  lam: {type: float, low: -0.1, high: 0.1}\n",
+        "space_eta_order": "fixed: {eta_start: 0.5, eta_end: 1.0}\n"
+                           "params:\n  lr: {type: float, low: 0.01, high: 0.1}\n",
+        "space_empty_choice": "params:\n  feature_loss: {type: choice, values: []}\n",
+    }
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(spaces.get(case, GOOD_SPACE))
+    teacher = tmp_path / "teacher.pt"
+    if case == "teacher_classes":
+        teacher = _three_class_teacher(tmp_path)
+    elif case == "teacher_corrupt":
+        teacher.write_bytes(b"PK\x03\x04 not a real checkpoint")
     existing = root / "ray" / "smoke"
     before = sorted(p.name for p in existing.iterdir()) if existing.exists() else None
     args, expect = {
@@ -168,6 +203,17 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
         "bad_flag": (["--scheduler", "hyperband"], "invalid choice"),
         "unreachable_tracking": (["--tracking-uri", "http://127.0.0.1:9"],
                                  "MLflow tracking at http://127.0.0.1:9 is unreachable"),
+        "space_yaml": (["--space", str(space_file)], "not valid YAML"),
+        "space_unknown_key": (["--space", str(space_file)], "params.alfa: unknown key"),
+        "space_negative_lam": (["--space", str(space_file)], "params.lam.low: lam must be"),
+        "space_eta_order": (["--space", str(space_file)], "end (1.0) is beyond its start"),
+        "space_empty_choice": (["--space", str(space_file)], "must be a non-empty list"),
+        "set_unknown_dataset": (["--set", "dataset=mnist"], "dataset must be one of"),
+        "set_unknown_method": (["--set", "method=dino"], "method must be one of"),
+        "teacher_classes": (["--set", f"teacher={teacher}"],
+                            "was trained on npz (3 classes) but the search runs digits"),
+        "teacher_corrupt": (["--set", f"teacher={teacher}"], "truncated or corrupt"),
+        "negative_concurrency": (["--max-concurrent", "-1"], "--max-concurrent must be"),
     }[case]
     base = ["--storage-path", str(tmp_path / "ray"), "--teacher-store", str(tmp_path / "t"),
             "--data-root", str(tmp_path / "datasets"), "--smoke",

@@ -151,6 +151,21 @@ def check_data(space: Space, overrides: dict[str, Any]) -> None:
         load_arrays(name, overrides["data_root"], download=overrides.get("download", False), **kw)
 
 
+def check_teacher(space: Space, overrides: dict[str, Any]) -> None:
+    """A teacher fixed for every trial must fit every data set the space can ask for."""
+    path = overrides.get("teacher") or space.fixed.get("teacher")
+    if not path:
+        return
+    from tuning.trainer import load_model
+
+    _, meta = load_model(path)
+    for name in space.values_of("dataset", overrides) or (RunConfig.dataset,):
+        if meta.get("dataset") != name:
+            raise UserError(f"teacher {path} was trained on {meta.get('dataset')} "
+                            f"({meta['num_classes']} classes) but the search runs {name}; "
+                            f"pass a teacher trained on {name}, or drop --set teacher")
+
+
 def load_resume_settings(args: argparse.Namespace) -> dict[str, Any]:
     if not args.name:
         raise UserError("--resume needs --name: the search to continue (see ray_results/)")
@@ -183,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{settings['storage_path']}; pass --resume to continue it, or "
                             "a new --name")
         check_data(space, settings["overrides"])
+        check_teacher(space, settings["overrides"])
         check_reachable(settings["tracking_uri"])
         storage = settings["storage_path"]
         if "://" not in storage:
