@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from netutil import randomize as _randomize
 from torch import nn
 
 from models import resnet
@@ -15,19 +16,6 @@ from tuning import export as export_mod
 from tuning import inference
 from tuning.config import RunConfig
 from tuning.trainer import MODEL_NAME, save_model
-
-
-def _randomize(net: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BatchNorm affine and statistics and Dirac scales: identity BN hides folding bugs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(net.named_parameters()) + list(net.named_buffers()):
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("running_var", "dirac_a") or (leaf == "weight" and t.ndim == 1):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif leaf in ("running_mean", "bias", "dirac_b"):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-    return net
 
 
 def _saved(tmp_path: Path, shortcut: str, dirac: bool) -> tuple[nn.Module, Path]:

@@ -30,7 +30,7 @@ from tuning.checkpoint import atomic_write_text
 from tuning.config import METHODS, RunConfig, UserError
 from tuning.flops import add_model_ratios, cost_model, ratio
 from tuning.step import make_optimizer, make_train_step
-from tuning.trainer import objective_kwargs, resolve_device
+from tuning.trainer import describe_device, objective_kwargs, resolve_device
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "bench" / "results"
 NUM_CLASSES = 10  # CIFAR-10 and Imagewoof both have 10
@@ -186,18 +186,6 @@ def format_tables(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Flags; unset sizes fall back to --quick's, then to the device type's defaults."""
     p = argparse.ArgumentParser(prog="python -m tuning.bench", description=__doc__.split("\n")[0])
@@ -276,7 +264,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "format": "plainkd-train-bench/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # The load average says how much other work shared the CPU while this ran.
-        "device": {"type": device.type, "name": _device_name(device),
+        "device": {"type": device.type, "name": describe_device(device),
                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                    "load_avg_start": load_start, "load_avg_end": list(os.getloadavg())},
         "torch": torch.__version__, "python": platform.python_version(),

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 from models import fold_batchnorm, resnet
 from tuning.checkpoint import atomic_write_text
 from tuning.config import UserError
+from tuning.trainer import describe_device
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "bench" / "results"
 METHOD = {
@@ -241,18 +242,6 @@ def bench_config(depth: int, size: int, batch: int, args: argparse.Namespace,
     return row
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of every configuration."""
     head = (f"{'net':>4} {'px':>4} {'batch':>5} | {'resnet ms':>10} {'plain ms':>9} "
@@ -321,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "format": "plainkd-inference/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"type": device.type, "name": _device_name(device),
+        "device": {"type": device.type, "name": describe_device(device),
                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "torch": torch.__version__, "python": platform.python_version(),

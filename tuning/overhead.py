@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ import torch
 
 from tuning.checkpoint import atomic_write_text
 from tuning.config import RunConfig
-from tuning.trainer import resolve_device, train
+from tuning.trainer import describe_device, resolve_device, train
 
 
 def trial_seconds(experiment: Path) -> tuple[float, int]:
@@ -84,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     width = args.width or (64 if device.type == "cuda" else 16)
     with tempfile.TemporaryDirectory() as tmp:
         figures = measure(args.epochs, width, args.dataset, device.type, Path(tmp))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
     report = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "device": {"type": device.type, "name": name or "cpu"},
+              "device": {"type": device.type, "name": describe_device(device)},
               "torch": torch.__version__, **figures}
     out = Path(args.out or f"bench/results/overhead-{device.type}.json")
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")

@@ -59,11 +59,9 @@ def git_commit() -> str:
 
 
 def device_name() -> str:
-    import torch
+    from tuning.trainer import describe_device, resolve_device
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return "cpu"
+    return describe_device(resolve_device("auto"))
 
 
 def client(uri: str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -51,6 +52,19 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device {name} was asked for but CUDA is not available; "
                         "pass --device cpu (or auto)")
     return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name, for result files and run tags."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
