@@ -19,7 +19,7 @@ from tuning.checkpoint import atomic_write_text
 from tuning.results import error_reason
 from tuning.space import Space, SpaceSampler
 from tuning.teachers import plan_teachers, teacher_path, train_teacher
-from tuning.trainable import SearchContext, run_trial
+from tuning.trainable import KEEP_CHECKPOINTS, SearchContext, run_trial
 
 METRIC = "val_acc"
 SETTINGS_NAME = "search.yaml"
@@ -56,6 +56,24 @@ class TrialRunStatus(tune.Callback):
         run_id = self.tracker.find_trial_run(trial.trial_id)
         if run_id is not None:
             self.tracker.end_trial_run(run_id, "FINISHED", stopped_early=True)
+
+
+def close_unrecorded_runs(tracker: tracking.Tracker, rows: list[dict[str, Any]]) -> None:
+    """End the runs of trials a killed driver started but never recorded in its state.
+
+    Tune restores only the trials its last saved state holds, so such a trial is not
+    continued; without this its run would stay RUNNING for ever.
+    """
+    known = {row["trial_id"] for row in rows}
+    runs = tracking.client(tracker.uri).search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}' and "
+                      "attributes.status = 'RUNNING'", max_results=10000)
+    for run in runs:
+        if run.data.tags.get("ray_trial_id") not in known:
+            tracker.end_trial_run(run.info.run_id, "KILLED", stopped_early=True,
+                                  reason="the search driver was killed before it recorded this "
+                                         "trial, so the resumed search could not continue it")
 
 
 def train_teachers(space: Space, settings: dict[str, Any]) -> list[Path]:
@@ -101,7 +119,9 @@ def make_scheduler(settings: dict[str, Any]):
     if settings["scheduler"] == "fifo" or settings["objective"] == "acc-time":
         return FIFOScheduler()
     epochs = settings["epochs"]
-    return ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+    # The trial's own epoch, not Tune's count of reports: after a trial falls back to an older
+    # checkpoint (or starts afresh) the two differ, and ASHA would stop it short of max_t.
+    return ASHAScheduler(time_attr="epoch", max_t=epochs,
                          grace_period=max(1, epochs // 4), reduction_factor=2)
 
 
@@ -115,6 +135,10 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
     from tuning import results as res
     from tuning.search import write_settings
 
+    # Tune saves its view of the search (trials, their last checkpoints, the searcher) every
+    # 10 s or more by default; a trial it has not saved yet is one that a resume after a killed
+    # driver cannot continue. Every 2 s keeps that window shorter than a trial's start-up.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     commit = tracking.git_commit()
     tracker = tracking.start_parent(settings["tracking_uri"], settings, commit)
     if not resume:
@@ -126,13 +150,13 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
         teachers = train_teachers(space, settings)
         teacher_runs = {str(p): tracking.teacher_run(tracker.uri, p.parent, commit)
                         for p in teachers}
+        experiment = f"{settings['storage_path'].rstrip('/')}/{settings['name']}"
         context = SearchContext(space=space, overrides=settings["overrides"],
                                 teacher_store=settings["teacher_store"],
                                 teacher_epochs=settings["teacher_epochs"],
                                 search_name=settings["name"], tracker=tracker,
-                                teacher_runs=teacher_runs)
+                                teacher_runs=teacher_runs, experiment_path=experiment)
         trainable = make_trainable(context, settings)
-        experiment = f"{settings['storage_path'].rstrip('/')}/{settings['name']}"
         if resume and tune.Tuner.can_restore(experiment):
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
@@ -146,7 +170,7 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
                     metric=None if multi else METRIC, mode=None if multi else "max"),
                 run_config=tune.RunConfig(
                     name=settings["name"], storage_path=settings["storage_path"],
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                     failure_config=tune.FailureConfig(max_failures=2), verbose=1,
                     callbacks=[TrialRunStatus(tracker, settings["epochs"])]),
             )
@@ -159,6 +183,7 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
                 best["test_acc"] = res.test_accuracy(best["_config"], Path(ckpt_dir))
             atomic_write_text(folder / "best_config.yaml", best["_config"].to_yaml())
         tracking.settle_trial_runs(tracker, rows)
+        close_unrecorded_runs(tracker, rows)
         res.write_csv(rows, folder / "results.csv")
         print(res.table_text(rows))
         try:

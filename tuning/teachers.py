@@ -89,6 +89,8 @@ def train_teacher(recipe: TeacherRecipe, store: Path) -> dict[str, Any]:
     has_ckpt = ckpt.exists() or ckpt.with_name(CHECKPOINT_NAME + ".prev").exists()
     metrics = train(recipe.config, partial, quiet=True, resume_from=ckpt if has_ckpt else None)
     (partial / "config.yaml").write_text(recipe.config.to_yaml())
+    for torn in partial.glob(".*.tmp"):  # half-written files of a killed earlier attempt
+        torn.unlink(missing_ok=True)
     if final.exists():  # another search finished the same teacher first
         shutil.rmtree(partial, ignore_errors=True)
     else:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import ray
 from ray import tune
 
-from tuning.checkpoint import CheckpointError, atomic_write_text, load_checkpoint
+from tuning.checkpoint import CheckpointError, atomic_write_text, safe_load
 from tuning.config import RunConfig
 from tuning.space import Space, trial_values
 from tuning.teachers import teacher_path, teacher_recipe
@@ -31,6 +33,7 @@ class SearchContext:
     search_name: str
     tracker: Tracker | None = None
     teacher_runs: dict[str, str] = field(default_factory=dict)  # teacher path -> its run id
+    experiment_path: str | None = None  # the search's folder in Tune's storage (path or URI)
 
     def run_config(self, sample: dict[str, Any]) -> RunConfig:
         """The trial's RunConfig: space, sample, overrides, and its teacher's path."""
@@ -50,21 +53,126 @@ def report_to_tune(metrics: dict[str, Any], ckpt: Path) -> None:
                     checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def restored_checkpoint(run_dir: Path) -> Path | None:
-    """Copy the checkpoint Tune restored this trial with into the run dir, if there is one."""
+CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")
+KEEP_CHECKPOINTS = 2  # Tune keeps each trial's newest 2: the current one and its fallback
+
+
+def _index(path: str) -> int:
+    match = CHECKPOINT_DIR.search(PurePosixPath(path).name)
+    return int(match.group(1)) if match else -1
+
+
+def stored_checkpoints(context: SearchContext) -> list[tune.Checkpoint]:
+    """This trial's checkpoints in the search's storage, oldest first by Tune's index.
+
+    They can be newer than the one Tune restores the trial with: a trial stores each
+    checkpoint before the driver hears of it, and the driver saves its view every few seconds.
+    """
+    import pyarrow.fs
+
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        fs, folder = restored.filesystem, str(PurePosixPath(restored.path).parent)
+    elif context.experiment_path:
+        fs, root = pyarrow.fs.FileSystem.from_uri(context.experiment_path)
+        folder = f"{root.rstrip('/')}/{Path(tune.get_context().get_trial_dir()).name}"
+    else:
+        return []
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return []
+    found = [i.path for i in infos
+             if i.type == pyarrow.fs.FileType.Directory and _index(i.path) >= 0]
+    return [tune.Checkpoint(p, filesystem=fs) for p in sorted(found, key=_index)]
+
+
+def mend_bookkeeping(stored: list[tune.Checkpoint]) -> None:
+    """Put back (empty) the checkpoint folders Tune's restored state still keeps but a killed
+    driver had already deleted after newer epochs. Tune deletes them again at the trial's
+    next checkpoint; a missing one makes that fail and leaves its count of checkpoints behind
+    (ray-project/ray#27790)."""
+    restored = tune.get_checkpoint()
+    if restored is None:
+        return
+    known, have = _index(restored.path), {_index(c.path) for c in stored}
+    folder = PurePosixPath(restored.path).parent
+    for index in range(max(0, known - KEEP_CHECKPOINTS + 1), known):
+        if index not in have:
+            try:
+                restored.filesystem.create_dir(str(folder / f"checkpoint_{index:06d}"))
+            except OSError:
+                pass  # only Tune's log suffers
+
+
+def _fetch(checkpoint: tune.Checkpoint, dst: Path, fix: str) -> dict:
+    """Load a stored checkpoint's file and copy it to `dst`; CheckpointError names the file."""
+    try:
+        with checkpoint.as_directory() as folder:
+            src = Path(folder) / CHECKPOINT_NAME
+            state = safe_load(src, what="checkpoint", fix=fix)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+            return state
+    except (OSError, RuntimeError) as err:  # the folder itself is gone or unreadable
+        raise CheckpointError(f"checkpoint {checkpoint.path} cannot be read ({err}); {fix}") \
+            from None
+
+
+def restored_checkpoint(run_dir: Path, stored: list[tune.Checkpoint]) -> tuple[Path | None, dict]:
+    """The checkpoint to resume from, copied into the run dir, and its state.
+
+    It is the one Tune restored the trial with; if that is damaged or gone, the stored one
+    before it (with a warning), and only if that fails too, none: a fresh start.
+    """
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        src = Path(folder) / CHECKPOINT_NAME
-        if not src.is_file():
-            warnings.warn(f"restored checkpoint {folder} has no {CHECKPOINT_NAME}; "
-                          "starting the trial afresh", stacklevel=2)
-            return None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dst = run_dir / CHECKPOINT_NAME
-        shutil.copy2(src, dst)
-        return dst
+        return None, {}
+    known = _index(checkpoint.path)
+    older = [c for c in stored if 0 <= _index(c.path) < known][-1:]
+    candidates = [checkpoint, *older]
+    dst = run_dir / CHECKPOINT_NAME
+    for i, candidate in enumerate(candidates):
+        fix = (f"falling back to the previous checkpoint {candidates[i + 1].path}"
+               if i + 1 < len(candidates) else "starting the trial afresh")
+        try:
+            return dst, _fetch(candidate, dst, fix)
+        except CheckpointError as err:
+            warnings.warn(str(err), stacklevel=2)
+    return None, {}
+
+
+def _epochs(state: dict) -> list[tuple]:
+    return [(h.get("epoch"), h.get("train_time")) for h in state.get("history", [])]
+
+
+def catch_up(run_dir: Path, resume_from: Path | None, state: dict,
+             stored: list[tune.Checkpoint]) -> tuple[Path | None, dict]:
+    """Hand Tune the epochs this trial stored after the checkpoint Tune restored it with.
+
+    A killed driver may not have recorded a trial's last checkpoints. Those epochs are
+    reported again (not trained again), each with its own checkpoint, so Tune's count of
+    epochs stays the trial's. Only epochs that continue the current one are taken.
+    """
+    restored = tune.get_checkpoint()
+    known = _index(restored.path) if restored is not None else -1
+    epoch = state.get("epoch", 0)
+    if restored is not None and resume_from is None:
+        return resume_from, state  # a fresh start: nothing stored continues it
+    current, nxt = run_dir / CHECKPOINT_NAME, run_dir / (CHECKPOINT_NAME + ".next")
+    for checkpoint in (c for c in stored if _index(c.path) > known):
+        try:
+            new = _fetch(checkpoint, nxt, f"the trial goes on from epoch {epoch}")
+        except CheckpointError as err:
+            warnings.warn(str(err), stacklevel=2)
+            break
+        if new.get("epoch") != epoch + 1 or _epochs(new)[:epoch] != _epochs(state):
+            break  # not this trial's next epoch (it restarted since, or fell back)
+        os.replace(nxt, current)
+        report_to_tune(dict(new["history"][-1]), current)
+        resume_from, state, epoch = current, new, epoch + 1
+    nxt.unlink(missing_ok=True)
+    return resume_from, state
 
 
 class TrialRunLogger:
@@ -85,7 +193,7 @@ class TrialRunLogger:
 
 
 def trial_run_id(context: SearchContext, cfg: RunConfig, sample: dict[str, Any],
-                 resume_from: Path | None) -> str | None:
+                 state: dict) -> str | None:
     """The trial's MLflow run: the one named in its checkpoint, else found by trial id, else new.
 
     A restarted trial therefore continues its own run and never starts a second one.
@@ -93,14 +201,9 @@ def trial_run_id(context: SearchContext, cfg: RunConfig, sample: dict[str, Any],
     tracker = context.tracker
     if tracker is None:
         return None
-    run_id = None
-    if resume_from is not None:
-        try:
-            run_id = load_checkpoint(resume_from).get("extra", {}).get("mlflow_run_id")
-        except CheckpointError:
-            run_id = None
     trial = tune.get_context()
-    run_id = run_id or tracker.find_trial_run(trial.get_trial_id())
+    run_id = state.get("extra", {}).get("mlflow_run_id") or \
+        tracker.find_trial_run(trial.get_trial_id())
     if run_id:
         tracker.resume_trial_run(run_id)
         return run_id
@@ -112,8 +215,12 @@ def run_trial(config: dict[str, Any], context: SearchContext) -> None:
     """The trainable: build the trial's config, resume from Tune's checkpoint, train."""
     cfg = context.run_config(config)
     run_dir = Path.cwd() / "run"  # Tune runs each trial in its own trial directory
-    resume_from = restored_checkpoint(run_dir)
-    run_id = trial_run_id(context, cfg, config, resume_from)
+    stored = stored_checkpoints(context)
+    mend_bookkeeping(stored)
+    resume_from, state = catch_up(run_dir, *restored_checkpoint(run_dir, stored), stored)
+    if state.get("epoch", 0) >= cfg.epochs:
+        return  # it had finished, and its run ended with its artifacts; Tune has its last epoch
+    run_id = trial_run_id(context, cfg, config, state)
     tracker = context.tracker
     listeners = [report_to_tune]
     if run_id is not None:
