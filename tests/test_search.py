@@ -41,16 +41,17 @@ def test_smoke_search_end_to_end(ray_session, root, capsys):
     assert train_main(["--config", str(root / "ray" / "smoke" / "best_config.yaml"),
                        "--epochs", "1", "--out", str(root / "again"), "--quiet"]) == 0
     teachers = [p for p in (root / "teachers").iterdir() if p.is_dir()]
-    assert len(teachers) == 1 and not teachers[0].name.endswith(".partial")
+    # the alignkd space searches teacher_depth: a ResNet-18 and a ResNet-34 teacher
+    assert len(teachers) == 2 and not any(t.name.endswith(".partial") for t in teachers)
 
 
 def test_a_later_search_reuses_the_cached_teacher(ray_session, root, capsys):
-    teacher = next(p for p in (root / "teachers").iterdir()) / "model.pt"
+    teacher = next(p for p in (root / "teachers").iterdir() if p.is_dir()) / "model.pt"
     before = teacher.stat().st_mtime_ns
     code = main(search_args(root, "again", "--num-samples", "1", "--epochs", "1",
                             "--scheduler", "fifo"))
     assert code == 0
-    assert "1 needed, 1 in the store" in capsys.readouterr().out
+    assert "2 needed, 2 in the store" in capsys.readouterr().out
     assert teacher.stat().st_mtime_ns == before
 
 
@@ -105,10 +106,15 @@ def test_resume_after_the_driver_is_killed(ray_session, root, tmp_path):
     exp = mlflow.get_experiment_by_name(name)
     runs = mlflow.search_runs([exp.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 3
-    assert sorted(r.data.tags["ray_trial_id"] for r in children) == sorted(
+    # A trial started in the last seconds before the kill, which the driver never recorded,
+    # cannot be continued: its run is ended KILLED with the reason, not left RUNNING.
+    killed = [r for r in children if r.info.status == "KILLED"]
+    assert all("driver was killed" in r.data.tags.get("failure_reason", "") for r in killed)
+    kept = [r for r in children if r.info.status != "KILLED"]
+    assert sorted(r.data.tags["ray_trial_id"] for r in kept) == sorted(
         r["trial_id"] for r in table)
-    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs), [
+        r.info.status for r in runs]
 
 
 GOOD_SPACE = "fixed: {method: alignkd}\nparams:\n  alpha: {type: float, low: 0, high: 1}\n"

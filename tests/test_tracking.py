@@ -1,6 +1,8 @@
 """MLflow tracking of real searches: SQLite, and a real `mlflow server` read over REST."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -175,7 +177,7 @@ def test_runs_reach_a_real_mlflow_server_read_over_rest(ray_session, tmp_path):
         keys = {m["key"] for m in child[0]["data"]["metrics"]}
         assert {"val_acc", "train_loss", "images_per_s"} <= keys
     finally:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)  # the server's workers too
         server.wait()
 
 

@@ -45,6 +45,8 @@ def trial_runs(uri: str, exp, parent) -> list[dict[str, Any]]:
     for r in runs:
         p, m, t = r.data.params, r.data.metrics, r.data.tags
         epochs = int(m.get("epoch", 0))
+        if "method" not in p or "dataset" not in p:
+            continue  # killed before its params were logged: nothing to compare
         out.append({
             "run_id": r.info.run_id, "status": r.info.status, "method": p.get("method"),
             "dataset": p.get("dataset"), "depth": int(p.get("depth", 0)),
