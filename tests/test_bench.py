@@ -204,3 +204,19 @@ def test_r_counts_the_hybrid_paths_that_jointrd_runs():
         hybrid_logits_naive(s, teacher)
     parts = network_macs(18, 32, width=8)
     assert sum(macs) / sum(parts) == pytest.approx(hybrid_r(parts))
+
+
+@pytest.mark.slow
+def test_search_overhead_runs_bare_and_under_tune(tmp_path, monkeypatch):
+    import json
+
+    from tuning import overhead
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "overhead.json"
+    assert overhead.main(["--epochs", "1", "--width", "4", "--device", "cpu",
+                          "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["trial_epochs"] == 1 and report["bare_s"] > 0 and report["trial_s"] > 0
+    assert report["overhead_fraction"] == pytest.approx(
+        report["trial_s"] / report["bare_s"] - 1)
