@@ -11,6 +11,7 @@ RuntimeError), so it cannot be caused honestly on a machine without a GPU.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -91,8 +92,10 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-def args_for(root: Path, name: str, *extra: str) -> list[str]:
-    return search_args(root, name, *extra, space=str(root / "space.yaml"))
+def args_for(root: Path, name: str, *extra: str, interval: float = 0) -> list[str]:
+    """Every epoch checkpoints (interval 0) unless a test asks for sparser checkpoints."""
+    return search_args(root, name, "--set", f"checkpoint_interval_s={interval}", *extra,
+                       space=str(root / "space.yaml"))
 
 
 def resume_args(root: Path, name: str) -> list[str]:
@@ -262,6 +265,42 @@ def test_driver_killed_between_trials_does_not_rerun_the_finished_one(ray_sessio
     record(record_property, "driver-killed-between-trials", sum(lost.values()) + orphans)
 
 
+# 1d. The driver is killed while checkpoints are sparse (a time interval between them).
+
+def test_sparse_checkpoints_lose_only_the_epochs_since_the_last_one(ray_session, root,
+                                                                    record_property):
+    """Epochs between checkpoints reach Tune and MLflow without one; a trial resumed after a
+    kill trains again only the epochs after its last stored checkpoint."""
+    name, log, epochs = "sparse", root / "sparse.log", 10
+    proc = spawn_search(args_for(root, name, "--num-samples", "1", "--epochs", str(epochs),
+                                 "--scheduler", "fifo", interval=3.0), log)
+    experiment = root / "ray" / name
+
+    def past_a_checkpoint():
+        for trial_id, trial_dir in trial_dirs(experiment).items():
+            saved = last_checkpoint_epoch(trial_dir)
+            reported = [e for e, _ in result_epochs(trial_dir)]
+            if 2 <= saved < epochs - 2 and reported and max(reported) > saved:
+                return trial_id, saved, max(reported)
+        return None
+
+    trial_id, saved, reported = kill_when(proc, log, past_a_checkpoint)
+    trial_dir = trial_dirs(experiment)[trial_id]
+    rows_before = [json.loads(line) for line in (trial_dir / "result.json").read_text()
+                   .splitlines()]
+    assert any(r.get("checkpoint_dir_name") is None for r in rows_before), \
+        "every epoch wrote a checkpoint: the interval was not honoured"
+
+    assert main(resume_args(root, name)) == 0
+    steps, orphans = check_finished(root, name, trials=1, epochs=epochs, redone=True)
+    lost = lost_epochs(steps[trial_id])
+    # At most the epochs after the last checkpoint stored before the kill are trained again
+    # (a newer one may have been stored in the moment before the kill), plus the one in flight.
+    assert lost <= reported - saved + 1, (steps, saved, reported)
+    assert orphans == 0
+    record(record_property, "driver-killed-sparse-checkpoints", lost)
+
+
 # 4. A damaged checkpoint after the kill.
 
 @pytest.mark.parametrize("damage", ["restored", "newest"])
@@ -360,8 +399,6 @@ def test_a_lost_worker_node_restarts_its_trial_from_a_checkpoint(root, tmp_path,
     assert orphans == 0
     # The trial that ran on the lost node moved to the head node and went on from its
     # checkpoint: its first epoch was trained once.
-    import json
-
     moved = []
     for trial_id, trial_dir in trial_dirs(root / "ray" / name).items():
         lines = (trial_dir / "result.json").read_text().splitlines()

@@ -78,7 +78,8 @@ def _wait_for(predicate, timeout: float, proc=None) -> bool:
 def test_resume_after_the_driver_is_killed(ray_session, root, tmp_path):
     name = "killed"
     log = open(tmp_path / "driver.log", "w")
-    args = search_args(root, name, "--num-samples", "3", "--epochs", "3", "--max-concurrent",
+    args = search_args(root, name, "--set", "checkpoint_interval_s=0", "--num-samples", "3",
+                       "--epochs", "3", "--max-concurrent",
                        "1", "--scheduler", "fifo")
     proc = subprocess.Popen([sys.executable, "-m", "tuning.search", *args], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -13,7 +13,9 @@ from tuning.train import main
 from tuning.trainer import CHECKPOINT_NAME, load_model, train
 
 SHARED_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-subset.npz"
-THIN = dict(dataset="digits", width=4, epochs=2, batch_size=64, device="cpu")
+# Every epoch checkpoints, as the resume tests need; test_checkpoint_cadence tests the interval.
+THIN = dict(dataset="digits", width=4, epochs=2, batch_size=64, device="cpu",
+            checkpoint_interval_s=0)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,8 @@ def test_bad_config_values_name_the_key(values, match):
 def test_every_epoch_reports_the_named_metrics(tmp_path, teacher_path):
     seen = []
     final = train(RunConfig(method="alignkd", teacher=str(teacher_path), **THIN), tmp_path,
-                  listeners=[lambda m, ckpt: seen.append((m, ckpt.exists()))], quiet=True)
+                  listeners=[lambda m, ckpt: seen.append((m, ckpt is not None and ckpt.exists()))],
+                  quiet=True)
     assert [m["epoch"] for m, _ in seen] == [1, 2] and all(ok for _, ok in seen)
     keys = {"val_acc", "train_loss", "loss_kl", "loss_ce", "loss_feat_1", "loss_feat_4", "lr",
             "eta", "epoch_time", "images_per_s", "train_time", "best_val_acc"}
@@ -79,6 +82,61 @@ def test_resume_gives_exactly_the_uninterrupted_result(tmp_path, teacher_path, m
     b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["val_acc"] == full["val_acc"] and resumed["train_loss"] == full["train_loss"]
+
+
+def test_checkpoint_cadence_follows_the_interval_and_the_last_epoch_always_saves(tmp_path):
+    """With an interval longer than the run, only the last epoch writes a checkpoint; the
+    listeners hear of every epoch, and of the checkpoint only where one was written."""
+    heard = []
+
+    def listener(metrics, saved):
+        on_disk = (tmp_path / "sparse" / CHECKPOINT_NAME).exists()
+        heard.append((metrics["epoch"], saved, on_disk))
+
+    cfg = RunConfig(method="ce", **{**THIN, "epochs": 3, "checkpoint_interval_s": 1e6})
+    train(cfg, tmp_path / "sparse", listeners=[listener], quiet=True, evaluate_test=False)
+    path = tmp_path / "sparse" / CHECKPOINT_NAME
+    assert heard == [(1, None, False), (2, None, False), (3, path, True)]
+    assert not path.with_name(CHECKPOINT_NAME + ".prev").exists()  # the only one written
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and [h["epoch"] for h in state["history"]] == [1, 2, 3]
+
+    heard.clear()
+    cfg = RunConfig(method="ce", **{**THIN, "epochs": 3})  # interval 0: every epoch
+    every = tmp_path / "every" / CHECKPOINT_NAME
+    train(cfg, tmp_path / "every", quiet=True, evaluate_test=False,
+          listeners=[lambda m, saved: heard.append((m["epoch"], saved))])
+    assert heard == [(1, every), (2, every), (3, every)]
+
+
+def test_resume_retrains_only_the_epochs_after_the_last_checkpoint(tmp_path):
+    """A run stopped between checkpoints resumes from the last one; the epochs after it are
+    trained again, to exactly the result of the uninterrupted run."""
+    cfg = RunConfig(method="ce", **{**THIN, "epochs": 4})
+    full = train(cfg, tmp_path / "full", quiet=True, evaluate_test=False)
+    cut, ckpt = tmp_path / "cut", tmp_path / "cut" / CHECKPOINT_NAME
+
+    def stop_after(epoch):
+        def listener(metrics, _):
+            if metrics["epoch"] == epoch:
+                raise Stop
+        return listener
+
+    with pytest.raises(Stop):  # epochs 1 and 2, each checkpointed
+        train(cfg, cut, quiet=True, listeners=[stop_after(2)])
+    sparse = RunConfig(method="ce", **{**THIN, "epochs": 4, "checkpoint_interval_s": 1e6})
+    heard = []
+    with pytest.raises(Stop):  # epoch 3 trains, but writes no checkpoint
+        train(sparse, cut, quiet=True, resume_from=ckpt,
+              listeners=[lambda m, saved: heard.append((m["epoch"], saved)), stop_after(3)])
+    assert heard == [(3, None)] and load_checkpoint(ckpt)["epoch"] == 2
+    resumed = train(sparse, cut, quiet=True, evaluate_test=False, resume_from=ckpt,
+                    listeners=[lambda m, saved: heard.append((m["epoch"], saved))])
+    assert heard[1:] == [(3, None), (4, ckpt)]  # epoch 3 again, then the last one
+    assert resumed["val_acc"] == full["val_acc"] and resumed["train_loss"] == full["train_loss"]
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(cut / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoint_falls_back_to_previous_when_damaged(tmp_path):

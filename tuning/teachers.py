@@ -18,7 +18,8 @@ from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, train
 
 # Fields of a trial's config that a teacher's recipe inherits; the rest is the recipe's own.
 INHERITED = ("dataset", "data_root", "data_path", "val_fraction", "split_seed", "width",
-             "batch_size", "seed", "download")
+             "batch_size", "seed", "download", "checkpoint_interval_s")
+VOLATILE = ("device", "extra", "checkpoint_interval_s")  # no part of what a teacher learns
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class TeacherRecipe:
     @property
     def key(self) -> str:
         cfg = self.config.to_dict()
-        for volatile in ("device", "extra"):
+        for volatile in VOLATILE:
             cfg.pop(volatile)
         digest = hashlib.sha256(yaml.safe_dump(cfg, sort_keys=True).encode()).hexdigest()[:10]
         c = self.config

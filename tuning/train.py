@@ -95,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                             "or --out NEW_DIR for a new one")
         listeners = []
         if not resume:
-            def write_config(metrics: dict, ckpt: Path) -> None:
+            def write_config(metrics: dict, ckpt: Path | None) -> None:
                 if metrics["epoch"] == 1:
                     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
             listeners.append(write_config)
         if not quiet:
-            listeners.append(lambda m, _: print(epoch_line(m, cfg.epochs), flush=True))
+            listeners.append(lambda m, saved: print(
+                epoch_line(m, cfg.epochs) + ("  (checkpoint)" if saved else ""), flush=True))
         final = train(cfg, run_dir, listeners=listeners, evaluate_test=not no_test, quiet=quiet,
                       resume_from=run_dir / CHECKPOINT_NAME if resume else None)
     except (UserError, DataError) as err:

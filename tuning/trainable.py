@@ -44,13 +44,23 @@ class SearchContext:
         return cfg
 
 
-def report_to_tune(metrics: dict[str, Any], ckpt: Path) -> None:
-    """Report an epoch together with its checkpoint, as Tune's function-trainable API wants."""
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy2(ckpt, Path(tmp) / CHECKPOINT_NAME)
-        node = ray.get_runtime_context().get_node_id()
-        tune.report({**metrics, "node_id": node},
-                    checkpoint=tune.Checkpoint.from_directory(tmp))
+def report_to_tune(metrics: dict[str, Any], ckpt: Path | None) -> None:
+    """Report an epoch to Tune, with its checkpoint when the epoch wrote one.
+
+    Tune wants the checkpoint as a folder, which it copies to storage during the report. The
+    file is hard-linked into that folder, not copied: the trainer only ever replaces its
+    checkpoint by renaming, so the linked file cannot change under Tune.
+    """
+    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
+    if ckpt is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(dir=ckpt.parent, prefix=".report-") as tmp:
+        try:
+            os.link(ckpt, Path(tmp) / CHECKPOINT_NAME)
+        except OSError:  # a file system without hard links
+            shutil.copy2(ckpt, Path(tmp) / CHECKPOINT_NAME)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")
@@ -151,8 +161,9 @@ def catch_up(run_dir: Path, resume_from: Path | None, state: dict,
     """Hand Tune the epochs this trial stored after the checkpoint Tune restored it with.
 
     A killed driver may not have recorded a trial's last checkpoints. Those epochs are
-    reported again (not trained again), each with its own checkpoint, so Tune's count of
-    epochs stays the trial's. Only epochs that continue the current one are taken.
+    reported again (not trained again), each checkpointed one with its checkpoint and the
+    epochs between with their metrics alone, so Tune's count of epochs stays the trial's.
+    Only checkpoints that continue the current one are taken.
     """
     restored = tune.get_checkpoint()
     known = _index(restored.path) if restored is not None else -1
@@ -166,11 +177,15 @@ def catch_up(run_dir: Path, resume_from: Path | None, state: dict,
         except CheckpointError as err:
             warnings.warn(str(err), stacklevel=2)
             break
-        if new.get("epoch") != epoch + 1 or _epochs(new)[:epoch] != _epochs(state):
-            break  # not this trial's next epoch (it restarted since, or fell back)
+        later = new.get("epoch", 0)
+        if later <= epoch or len(new.get("history", [])) != later or \
+                _epochs(new)[:epoch] != _epochs(state):
+            break  # it does not continue this trial's epochs (it restarted since, or fell back)
         os.replace(nxt, current)
+        for metrics in new["history"][epoch:-1]:  # epochs that wrote no checkpoint
+            report_to_tune(dict(metrics), None)
         report_to_tune(dict(new["history"][-1]), current)
-        resume_from, state, epoch = current, new, epoch + 1
+        resume_from, state, epoch = current, new, later
     nxt.unlink(missing_ok=True)
     return resume_from, state
 
@@ -181,7 +196,7 @@ class TrialRunLogger:
     def __init__(self, tracker: Tracker, run_id: str, cfg: RunConfig, run_dir: Path) -> None:
         self.tracker, self.run_id, self.cfg, self.run_dir = tracker, run_id, cfg, run_dir
 
-    def __call__(self, metrics: dict[str, Any], ckpt: Path) -> None:
+    def __call__(self, metrics: dict[str, Any], ckpt: Path | None) -> None:
         log_metrics(self.tracker.uri, self.run_id, metrics, step=metrics["epoch"])
         if metrics["epoch"] < self.cfg.epochs:
             return

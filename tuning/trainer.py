@@ -32,7 +32,9 @@ from tuning.config import RunConfig, UserError
 from tuning.step import autocast as _autocast
 from tuning.step import make_optimizer, make_train_step
 
-Listener = Callable[[dict[str, Any], Path], None]
+# A listener hears of every epoch: its metrics, and the checkpoint written after it, or None
+# for an epoch that wrote none (see RunConfig.checkpoint_interval_s).
+Listener = Callable[[dict[str, Any], Path | None], None]
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
 
@@ -164,7 +166,10 @@ class Progress:
 def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] = (),
           resume_from: str | Path | None = None, evaluate_test: bool = True,
           checkpoint_extra: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Train one run; every epoch writes a checkpoint atomically, then calls each listener.
+    """Train one run; each epoch may write a checkpoint atomically, then calls each listener.
+
+    A checkpoint is written when `cfg.checkpoint_interval_s` of training have passed since the
+    last one (0: every epoch), and always after the last epoch.
 
     Returns the final metrics. `checkpoint_extra` is stored in every checkpoint (a
     listener's state, such as a tracking run id) and returned by `resume_from`'s load.
@@ -207,6 +212,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
     train_step = make_train_step(objective, student, teacher, optimizer, scheduler, device)
     ckpt_path = run_dir / CHECKPOINT_NAME
     best_val = max((h["val_acc"] for h in history), default=0.0)
+    last_save = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         hp = objective_kwargs(cfg, epoch)
         student.train()
@@ -259,16 +265,24 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
             # Finish before the listeners hear of the last epoch: a scheduler may stop the
             # trial inside its last report, and the final metrics belong in that report.
             metrics.update(_finish(student, data, cfg, run_dir, metrics, device, evaluate_test))
-        save_checkpoint({
-            "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-            "train_time": train_time, "eval_time": eval_time, "config": cfg.to_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-            "extra": extra,
-        }, ckpt_path)
+        saved, t2 = None, time.perf_counter()
+        if epoch + 1 == cfg.epochs or t2 - last_save >= cfg.checkpoint_interval_s:
+            save_checkpoint({
+                "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                "train_time": train_time, "eval_time": eval_time, "config": cfg.to_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                "extra": extra,
+            }, ckpt_path)
+            saved, last_save = ckpt_path, time.perf_counter()
+        metrics["checkpoint_time"] = last_save - t2 if saved else 0.0
+        t3 = time.perf_counter()
         for listener in listeners:
-            listener(metrics, ckpt_path)
+            listener(metrics, saved)
+        # What the listeners (Tune's report, MLflow's logging) cost. Known only after them, it
+        # reaches later checkpoints' history and the returned metrics, not the listeners.
+        metrics["listener_time"] = time.perf_counter() - t3
 
     return dict(history[-1])  # the last epoch's metrics carry the final ones
 
