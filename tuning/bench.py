@@ -48,6 +48,7 @@ NOTES = {
                          "kd/alignkd 1 + 3s, jointrd 1 + 3s + 2r (s = student/teacher MACs)",
     "input_share": "input path alone (ms per batch) / ms_per_step at the same size and batch",
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 QUICK = dict(batch_size=8, batch_size_224=4, width=4, steps=1, warmup=1,
              configs=["18x32", "18x224"])
 
@@ -103,14 +104,21 @@ def time_input(loader: DeviceLoader, args: argparse.Namespace, device: torch.dev
 
 def time_train(method: str, depth: int, loader: DeviceLoader, args: argparse.Namespace,
                device: torch.device, *, feature_loss: str = "mse",
-               compiled: bool = False) -> dict[str, Any]:
-    """ms per training step (input included) and peak memory of one configuration."""
+               compile_mode: str | None = None) -> dict[str, Any]:
+    """ms per training step (input included) and peak memory of one configuration.
+
+    `compile_mode` times torch.compile(objective, mode=...) instead of the eager objective;
+    "reduce-overhead" is inductor with CUDA graphs.
+    """
     size, stem = loader.out_size, stem_of(loader.out_size)
     row: dict[str, Any] = {"method": method, "depth": depth, "size": size,
                            "batch_size": loader.batch_size, "feature_loss": feature_loss}
+    if compile_mode is not None:
+        row["compile_mode"] = compile_mode
     cfg = RunConfig(method=method, depth=depth, width=args.width, feature_loss=feature_loss)
-    # torch.compile traces and compiles in its first calls: keep those out of the timing.
-    warmup = max(args.warmup, 2) if compiled else args.warmup
+    # torch.compile traces and compiles in its first calls (CUDA graphs record in the next
+    # ones): keep those out of the timing.
+    warmup = max(args.warmup, 3) if compile_mode else args.warmup
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -128,9 +136,9 @@ def time_train(method: str, depth: int, loader: DeviceLoader, args: argparse.Nam
                 teacher = teacher.to(memory_format=torch.channels_last)
         optimizer, scheduler = make_optimizer(student, cfg, warmup + args.steps, device)
         objective = OBJECTIVES[method]
-        if compiled:
+        if compile_mode is not None:
             torch._dynamo.reset()  # each configuration compiles afresh, within recompile limits
-            objective = torch.compile(objective)
+            objective = torch.compile(objective, mode=compile_mode)
         step = make_train_step(objective, student, teacher, optimizer, scheduler, device)
         hp = objective_kwargs(cfg, 0)
         it = batches(loader)
@@ -138,6 +146,12 @@ def time_train(method: str, depth: int, loader: DeviceLoader, args: argparse.Nam
     except torch.cuda.OutOfMemoryError:
         # A too-large batch for this GPU is a result, not a crash of the whole sweep.
         return {**row, "error": "out of memory", "ms_per_step": None, "images_per_s": None,
+                "peak_mem_bytes": None}
+    except Exception as err:  # noqa: BLE001 - a compiler failure is a finding, not a crash
+        if compile_mode is None:
+            raise
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return {**row, "error": reason[:300], "ms_per_step": None, "images_per_s": None,
                 "peak_mem_bytes": None}
     if not math.isfinite(total.item()):
         raise RuntimeError(f"{method} depth {depth} {size}px: the loss is not finite")
@@ -176,8 +190,10 @@ def format_tables(report: dict) -> str:
                   f"{_fmt(f['ms_per_step'], '.1f')} ms ({_fmt(f['ratio_vs_mse'], '.2f')}x)"
                   for f in report["feature_losses"]]
     for c in report["compiled"]:
-        lines.append(f"compiled {c['method']} depth {c['depth']} {c['size']} px: "
-                     f"{_fmt(c['ms_per_step'], '.1f')} ms ({_fmt(c['speedup'], '.2f')}x eager)")
+        result = (f"failed ({c['error']})" if c.get("error") else
+                  f"{_fmt(c['ms_per_step'], '.1f')} ms ({_fmt(c['speedup'], '.2f')}x eager)")
+        lines.append(f"compiled ({c['compile_mode']}) {c['method']} depth {c['depth']} "
+                     f"{c['size']} px: {result}")
     lines.append("FLOP model (F = one teacher forward; backward = 2F):")
     lines += [f"  {k}: teacher {m['gmac_teacher']:.3f} / student {m['gmac_student']:.3f} GMAC "
               f"per image, r {m['r']:.3f}, step F " + ", ".join(
@@ -204,7 +220,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="alignkd feature-loss variants timed beside mse")
     p.add_argument("--steps", type=int, help="timed steps (default 20 cuda, 3 cpu)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5 cuda, 1 cpu)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile(objective)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(objective) in each --compile-modes mode")
+    p.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES,
+                   help="default: 'default' on the CPU; 'default' and 'reduce-overhead' (CUDA "
+                        "graphs) on CUDA")
     p.add_argument("--out", type=Path,
                    help="JSON path (default bench/results/train-<cpu|cuda>[-quick].json)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all, as the trainer)")
@@ -228,6 +248,9 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     for key, value in DEFAULTS[device.type].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.compile_modes is None:
+        args.compile_modes = ["default", "reduce-overhead"] if device.type == "cuda" \
+            else ["default"]
     if min(args.batch_size, args.batch_size_224, args.width, args.steps) < 1 or args.warmup < 0:
         raise UserError("batch sizes, width and steps must be >= 1 and warmup >= 0")
     rows, inputs, variants, compiled, models = [], {}, [], [], {}
@@ -242,8 +265,9 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         for method in args.methods:
             print(f"timing {method} depth {depth} {size} px batch {batch}", file=sys.stderr)
             group[method] = time_train(method, depth, loader, args, device)
-            if args.compile:
-                c = time_train(method, depth, loader, args, device, compiled=True)
+            for mode in args.compile_modes if args.compile else ():
+                print(f"  compiled ({mode})", file=sys.stderr)
+                c = time_train(method, depth, loader, args, device, compile_mode=mode)
                 c["speedup"] = ratio(group[method]["ms_per_step"], c["ms_per_step"])
                 compiled.append(c)
         rows += group.values()
@@ -281,14 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return inference_main([a for a in argv if a != "--inference"])
     if "--search-overhead" in argv:
-        try:
-            from tuning.overhead import main as overhead_main
-        except ModuleNotFoundError as err:
-            if err.name != "tuning.overhead":
-                raise
-            print("error: --search-overhead needs tuning/overhead.py, which this checkout does "
-                  "not have yet", file=sys.stderr)
-            return 2
+        from tuning.overhead import main as overhead_main
+
         return overhead_main([a for a in argv if a != "--search-overhead"])
     args = parse_args(argv)
     try:
