@@ -19,6 +19,11 @@ Result = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
 
 def _check(name: str, value: float, low: float, high: float = math.inf, *,
            low_open: bool = False) -> None:
+    if torch.compiler.is_compiling():
+        # Traced, a check on a hyperparameter's value would guard the compiled graph on
+        # that value, so that each new eta (it changes every epoch) compiled it again.
+        # Eager calls check; compiled runs take values RunConfig has already validated.
+        return
     ok = isinstance(value, (int, float)) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:

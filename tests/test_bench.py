@@ -246,7 +246,8 @@ def test_search_overhead_runs_bare_and_under_tune(tmp_path, monkeypatch):
     out = tmp_path / "overhead.json"
     # 3 epochs with a checkpoint only at the last: two epochs report without one.
     assert overhead.main(["--epochs", "3", "--width", "4", "--checkpoint-width", "8",
-                          "--images", "64", "--interval", "1000", "--device", "cpu",
+                          "--images", "64", "--interval", "1000", "--trials", "2",
+                          "--device", "cpu",
                           "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     e2e, ckpt = report["end_to_end"], report["checkpoint"]
@@ -254,6 +255,9 @@ def test_search_overhead_runs_bare_and_under_tune(tmp_path, monkeypatch):
     assert e2e["dataset"] == "npz" and e2e["checkpoint_interval_s"] == 1000
     assert e2e["overhead_fraction"] == pytest.approx(e2e["trial_s"] / e2e["bare_s"] - 1)
     assert e2e["epochs_measured"] == {"without_checkpoint": 2, "with_checkpoint": 0}
+    assert e2e["trials"] == 2 and len(e2e["later_trial_s"]) == 1  # in the reused worker
+    assert e2e["later_overhead_fraction"] == pytest.approx(
+        e2e["later_trial_s"][0] / e2e["bare_s"] - 1)
     assert 0 < e2e["report_s_without_checkpoint"] < e2e["trial_s"]
     assert ckpt["width"] == 8 and ckpt["write_s"] > 0 and ckpt["report_s"] > 0
     # A width-8 ResNet-18 with momentum: 2 x 4 bytes x ~176k parameters.
@@ -261,7 +265,35 @@ def test_search_overhead_runs_bare_and_under_tune(tmp_path, monkeypatch):
     every, sparse = report["projected"]["every_epoch"], report["projected"]["at_interval"]
     assert every["checkpoint_every_epochs"] == 1 and every["checkpoints"] == 200
     assert sparse["checkpoints"] == 1  # 1000 s covers the whole 200 x 1.29 s projected run
-    for p in (every, sparse):
+    reused = report["projected"]["at_interval_reused_worker"]
+    assert reused["checkpoints"] == sparse["checkpoints"]
+    for p in (every, sparse, reused):
         assert p["share"] == pytest.approx(
             (p["fixed_s"] + p["reports_s"] + p["checkpoints_s"]) / (200 * 45_000 / 35_000))
     assert every["checkpoints_s"] == pytest.approx(200 * (ckpt["write_s"] + ckpt["report_s"]))
+
+
+@pytest.mark.parametrize("method", ["alignkd", "jointrd"])
+def test_compiled_objective_matches_eager_and_does_not_recompile_as_eta_changes(method):
+    """eta changes every epoch; the compiled objective must take it as an input, not compile
+    again for each value (past torch's recompile limit it would silently run eager)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    student, teacher = _nets(method, "cpu")
+    compiled = torch.compile(OBJECTIVES[method])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    cfg = RunConfig(method=method)
+    for epoch in (0, 10, 20, 30, 40):
+        hp = objective_kwargs(cfg, epoch)
+        eager, eager_terms, _ = OBJECTIVES[method](student, teacher, x, y, **hp)
+        total, terms, _ = compiled(student, teacher, x, y, **hp)
+        assert total.item() == pytest.approx(eager.item(), rel=1e-4)
+        assert {k: v.item() for k, v in terms.items()} == pytest.approx(
+            {k: v.item() for k, v in eager_terms.items()}, rel=1e-4, abs=1e-6)
+    assert len({objective_kwargs(cfg, e)["eta"] for e in (0, 10, 20, 30, 40)}) == 5
+    # The first graph specializes on eta; the second takes it as an input, for good.
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    torch._dynamo.reset()
