@@ -38,17 +38,20 @@ from tuning.config import RunConfig
 from tuning.trainer import CHECKPOINT_NAME, describe_device, resolve_device, train
 
 
-def trial_record(experiment: Path) -> tuple[float, int, list[dict]]:
-    """The trial's own wall time (Tune's time_total_s), its epochs, and the per-epoch history
-    of its newest stored checkpoint."""
-    trials = list(experiment.glob("run_trial_*"))
-    if len(trials) != 1:
-        raise RuntimeError(f"expected one trial under {experiment}, found {len(trials)}")
-    last = json.loads((trials[0] / "result.json").read_text().strip().splitlines()[-1])
-    stored = sorted(trials[0].glob(f"checkpoint_*/{CHECKPOINT_NAME}"),
-                    key=lambda p: p.parent.name)
-    history = safe_load(stored[-1], what="checkpoint", fix="rerun the benchmark")["history"]
-    return float(last["time_total_s"]), int(last["epoch"]), history
+def trial_records(experiment: Path, trials: int) -> list[tuple[float, int, list[dict]]]:
+    """Each trial's own wall time (Tune's time_total_s), its epochs, and the per-epoch history
+    of its newest stored checkpoint, in the order the trials started."""
+    found = sorted(experiment.glob("run_trial_*"), key=lambda p: int(p.name.split("_")[3]))
+    if len(found) != trials:
+        raise RuntimeError(f"expected {trials} trials under {experiment}, found {len(found)}")
+    out = []
+    for trial in found:
+        last = json.loads((trial / "result.json").read_text().strip().splitlines()[-1])
+        stored = sorted(trial.glob(f"checkpoint_*/{CHECKPOINT_NAME}"),
+                        key=lambda p: p.parent.name)
+        history = safe_load(stored[-1], what="checkpoint", fix="rerun the benchmark")["history"]
+        out.append((float(last["time_total_s"]), int(last["epoch"]), history))
+    return out
 
 
 def synthetic_npz(path: Path, images: int) -> Path:
@@ -64,7 +67,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def end_to_end(epochs: int, width: int, data: dict, device: str, interval: float,
-               root: Path) -> dict:
+               root: Path, trials: int) -> dict:
     from tuning.search import main as search_main
 
     teacher_dir = root / "teacher"
@@ -83,19 +86,24 @@ def end_to_end(epochs: int, width: int, data: dict, device: str, interval: float
 
     before = bare_run("bare1")
     space = root / "one.yaml"
-    space.write_text(f"fixed: {{method: alignkd, teacher: {cfg.teacher}}}\n"
-                     f"grid:\n  lr: [{cfg.lr}]\n")
+    # Trials that differ only in their seed: the same work, one after another, so that the
+    # later ones run in the worker process the first one started.
+    space.write_text(f"fixed: {{method: alignkd, teacher: {cfg.teacher}, lr: {cfg.lr}}}\n"
+                     f"grid:\n  seed: {list(range(trials))}\n")
     sets = [f"{k}={v}" for k, v in common.items() if k != "data_root"]
     code = search_main(["--space", str(space), "--name", "overhead", "--epochs", str(epochs),
-                        "--scheduler", "fifo", *(a for s in sets for a in ("--set", s)),
+                        "--scheduler", "fifo", "--num-samples", str(trials),
+                        "--max-concurrent", "1", *(a for s in sets for a in ("--set", s)),
                         "--storage-path", str(root / "ray"), "--data-root", str(root / "data"),
                         "--teacher-store", str(root / "teachers"),
                         "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"])
     if code != 0:
         raise RuntimeError(f"the search exited {code}")
-    trial_s, trial_epochs, history = trial_record(root / "ray" / "overhead")
-    # Bare runs before and after the trial; the faster one, as the machine may be noisy.
+    records = trial_records(root / "ray" / "overhead", trials)
+    trial_s, trial_epochs, history = records[0]
+    # Bare runs before and after the trials; the faster one, as the machine may be noisy.
     bare_s = min(before, bare_run("bare2"))
+    later = [r[0] for r in records[1:]]
     # listener_time is known after an epoch's listeners, so the newest checkpoint holds it
     # for every epoch but its own.
     timed = [h for h in history if "listener_time" in h]
@@ -105,6 +113,10 @@ def end_to_end(epochs: int, width: int, data: dict, device: str, interval: float
             "checkpoint_interval_s": interval, "bare_s": bare_s, "trial_s": trial_s,
             "trial_epochs": trial_epochs, "overhead_fraction": trial_s / bare_s - 1.0,
             "overhead_s_per_epoch": (trial_s - bare_s) / epochs,
+            # Trials after the first run in a reused worker process.
+            "trials": trials, "later_trial_s": later,
+            "later_overhead_fraction": (statistics.median(later) / bare_s - 1.0) if later
+            else None,
             "epoch_s": _mean([h["epoch_time"] for h in history]),
             "report_s_without_checkpoint": _mean(without),
             "report_s_with_checkpoint": _mean(with_ckpt),
@@ -140,15 +152,18 @@ def checkpoint_cost(width: int, depth: int, root: Path, repeats: int = 5) -> dic
             "write_s": statistics.median(saves), "report_s": statistics.median(reports)}
 
 
-def projection(e2e: dict, ckpt: dict, interval: float, epochs: int, epoch_s: float) -> dict:
+def projection(e2e: dict, ckpt: dict, interval: float, epochs: int, epoch_s: float, *,
+               reused: bool = False) -> dict:
     """The overhead share of a trial of `epochs` epochs of `epoch_s` each.
 
-    Fixed: what the end-to-end overhead leaves after its per-epoch reports. Per epoch: a
-    report without a checkpoint. Per checkpoint (every `interval` s, and the last epoch): the
+    Fixed: what the end-to-end overhead leaves after its per-epoch reports (of the first
+    trial, or with `reused` of the later ones, in a reused worker). Per epoch: a report
+    without a checkpoint. Per checkpoint (every `interval` s, and the last epoch): the
     full-width write and its report."""
     train_s = epochs * epoch_s
     per_epoch = e2e["report_s_without_checkpoint"] or 0.0
-    fixed = max(0.0, e2e["trial_s"] - e2e["bare_s"] - e2e["epochs"] * per_epoch)
+    trial_s = statistics.median(e2e["later_trial_s"]) if reused else e2e["trial_s"]
+    fixed = max(0.0, trial_s - e2e["bare_s"] - e2e["epochs"] * per_epoch)
     every = max(1, int(interval // epoch_s) + 1) if interval > 0 else 1
     checkpoints = -(-epochs // every)
     cost = ckpt["write_s"] + ckpt["report_s"]
@@ -170,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="digits")
     p.add_argument("--images", type=int, default=None,
                    help="instead of --dataset: this many random 32-px images (short epochs)")
+    p.add_argument("--trials", type=int, default=3,
+                   help="trials in the search, one at a time (>= 2 measures reused workers)")
     p.add_argument("--interval", type=float, default=RunConfig.checkpoint_interval_s,
                    help="checkpoint_interval_s of the runs and of the projection")
     p.add_argument("--project-epochs", type=int, default=200)
@@ -186,13 +203,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.images:
             data = {"dataset": "npz",
                     "data_path": str(synthetic_npz(root / "synthetic.npz", args.images))}
-        e2e = end_to_end(args.epochs, width, data, device.type, args.interval, root / "e2e")
+        e2e = end_to_end(args.epochs, width, data, device.type, args.interval, root / "e2e",
+                         args.trials)
         ckpt = checkpoint_cost(args.checkpoint_width, 18, root / "ckpt")
     projected = {
         "at_interval": projection(e2e, ckpt, args.interval, args.project_epochs,
                                   args.project_epoch_s),
         "every_epoch": projection(e2e, ckpt, 0.0, args.project_epochs, args.project_epoch_s),
     }
+    if e2e["later_trial_s"]:
+        projected["at_interval_reused_worker"] = projection(
+            e2e, ckpt, args.interval, args.project_epochs, args.project_epoch_s, reused=True)
     report = {"format": "plainkd-overhead-bench/2",
               "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "device": {"type": device.type, "name": describe_device(device)},
@@ -204,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"end to end ({e2e['dataset']}, width {width}, {args.epochs} epochs, checkpoint "
           f"interval {args.interval:g} s): bare {e2e['bare_s']:.2f} s, as a trial "
           f"{e2e['trial_s']:.2f} s, overhead {100 * e2e['overhead_fraction']:.1f}%")
+    if e2e["later_trial_s"]:
+        print(f"later trials, in the reused worker: "
+              f"{', '.join(f'{s:.2f} s' for s in e2e['later_trial_s'])}, overhead "
+              f"{100 * e2e['later_overhead_fraction']:.1f}% (median)")
     print(f"per epoch in the trial: report {ms(e2e['report_s_without_checkpoint'])} without "
           f"a checkpoint, {ms(e2e['report_s_with_checkpoint'])} with one")
     print(f"one checkpoint at width {ckpt['width']} ({ckpt['size_mb']:.0f} MB): write "
