@@ -241,3 +241,20 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
         assert not (tmp_path / "mlflow.db").exists()
     if before is not None:
         assert sorted(p.name for p in existing.iterdir()) == before
+
+
+def test_test_accuracy_only_for_a_checkpoint_of_the_reported_epoch(tmp_path, capsys):
+    """A trial stopped between checkpoints has no checkpoint of its last epoch: its test
+    accuracy would be an older model's, so there is none."""
+    import math
+
+    from tuning import results
+    from tuning.trainer import train
+
+    cfg = RunConfig(method="ce", shortcut="all", width=4, epochs=2, batch_size=64, device="cpu",
+                    data_root=str(tmp_path / "data"))
+    train(cfg, tmp_path / "run", quiet=True, evaluate_test=False)
+    acc = results.test_accuracy(cfg, tmp_path / "run", epoch=2)
+    assert 0.0 <= acc <= 1.0
+    assert math.isnan(results.test_accuracy(cfg, tmp_path / "run", epoch=3))
+    assert "its last checkpoint is of epoch 2" in capsys.readouterr().out

@@ -182,9 +182,11 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
         rows = res.trial_rows(grid, context)
         res.mark_pareto(rows)
         best = res.best_row(rows)
-        if best is not None and best["_result"].checkpoint is not None:
-            with best["_result"].checkpoint.as_directory() as ckpt_dir:
-                best["test_acc"] = res.test_accuracy(best["_config"], Path(ckpt_dir))
+        if best is not None:
+            if best["_result"].checkpoint is not None:
+                with best["_result"].checkpoint.as_directory() as ckpt_dir:
+                    best["test_acc"] = res.test_accuracy(best["_config"], Path(ckpt_dir),
+                                                         epoch=int(best["epochs"]))
             atomic_write_text(folder / "best_config.yaml", best["_config"].to_yaml())
         tracking.settle_trial_runs(tracker, rows)
         close_unrecorded_runs(tracker, rows)

@@ -72,10 +72,18 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(ok, key=lambda r: r["val_acc"]) if ok else None
 
 
-def test_accuracy(cfg: RunConfig, checkpoint_dir: Path) -> float:
-    """Evaluate a trial's last checkpoint on the test split: once, for the chosen trial only."""
+def test_accuracy(cfg: RunConfig, checkpoint_dir: Path, epoch: int | None = None) -> float:
+    """Evaluate a trial's last checkpoint on the test split: once, for the chosen trial only.
+
+    NaN, with a note, when that checkpoint is not of the trial's last reported `epoch` (a
+    trial stopped early between checkpoints): its test accuracy would be another model's.
+    """
     device = resolve_device(cfg.device)
     state = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME)
+    if epoch is not None and state["epoch"] != epoch:
+        print(f"no test accuracy: the best trial stopped at epoch {epoch}, and its last "
+              f"checkpoint is of epoch {state['epoch']}")
+        return math.nan
     data = build_data(cfg.dataset, cfg.data_root, batch_size=cfg.batch_size,
                       val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, device=device,
                       **({"path": cfg.data_path} if cfg.data_path else {}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 
 from tuning.checkpoint import CheckpointError, atomic_write_text, safe_load
@@ -229,6 +231,11 @@ def trial_run_id(context: SearchContext, cfg: RunConfig, sample: dict[str, Any],
 def run_trial(config: dict[str, Any], context: SearchContext) -> None:
     """The trainable: build the trial's config, resume from Tune's checkpoint, train."""
     cfg = context.run_config(config)
+    # The worker may have run an earlier trial (reuse_actors): free what it left behind
+    # before this one allocates, so that a reused worker fits what a fresh one fits.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     run_dir = Path.cwd() / "run"  # Tune runs each trial in its own trial directory
     stored = stored_checkpoints(context)
     mend_bookkeeping(stored)
