@@ -20,6 +20,8 @@ HELP = {
     "teacher": "a trained teacher's model.pt (needed by kd, alignkd, jointrd)",
     "data_path": "the .npz file for --dataset npz, or an Imagewoof folder",
     "device": "auto, cpu or cuda[:N]",
+    "checkpoint_interval_s": "seconds of training between checkpoints (default 30; 0: every "
+                             "epoch); the last epoch always writes one",
 }
 
 
