@@ -139,6 +139,20 @@ def test_resume_retrains_only_the_epochs_after_the_last_checkpoint(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_staged_checkpoint_is_a_link_that_a_later_save_does_not_change(tmp_path):
+    from tuning.checkpoint import staged
+
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint({"epoch": 1}, path)
+    with staged(path) as folder:
+        held = folder / CHECKPOINT_NAME
+        assert held.stat().st_ino == path.stat().st_ino  # linked, not copied
+        save_checkpoint({"epoch": 2}, path)  # the trainer's next save, while Tune reads
+        assert load_checkpoint(held)["epoch"] == 1 and load_checkpoint(path)["epoch"] == 2
+    assert not folder.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        CHECKPOINT_NAME, CHECKPOINT_NAME + ".prev"]
+
+
 def test_checkpoint_falls_back_to_previous_when_damaged(tmp_path):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint({"epoch": 1}, path)

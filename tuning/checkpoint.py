@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +95,20 @@ def load_checkpoint(path: Path) -> dict:
             raise
         warnings.warn(f"{err}; falling back to the previous checkpoint {prev}", stacklevel=2)
         return safe_load(prev, what="checkpoint", fix=fix)
+
+
+@contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path` that holds it under its own name, as a checkpoint
+    folder for Tune to copy to storage; removed afterwards.
+
+    The file is hard-linked, not copied: checkpoints are only ever replaced by renaming
+    (save_checkpoint), so the linked file cannot change while it is read.
+    """
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".report-") as tmp:
+        try:
+            os.link(path, Path(tmp) / path.name)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, Path(tmp) / path.name)
+        yield Path(tmp)

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from models import resnet
-from tuning.checkpoint import atomic_write_text, safe_load, save_checkpoint
+from tuning.checkpoint import atomic_write_text, safe_load, save_checkpoint, staged
 from tuning.config import RunConfig
+from tuning.step import make_optimizer
 from tuning.trainer import CHECKPOINT_NAME, describe_device, resolve_device, train
 
 
@@ -128,10 +129,11 @@ def checkpoint_cost(width: int, depth: int, root: Path, repeats: int = 5) -> dic
     """One full-width Plain student checkpoint with SGD momentum: the trainer's write, and the
     hard link plus the copy into storage that a trial's report adds. Medians of `repeats`."""
     net = resnet(depth, shortcut="none", stem="cifar", num_classes=10, width=width)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt, sched = make_optimizer(net, RunConfig(width=width), 10, torch.device("cpu"))
     net(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()  # momentum buffers exist, as in every checkpoint after the first step
-    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": 1}
+    state = {"model": net.state_dict(), "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict(), "epoch": 1}
     run, storage = root / "run", root / "storage"
     run.mkdir(parents=True)
     saves, reports = [], []
@@ -139,11 +141,8 @@ def checkpoint_cost(width: int, depth: int, root: Path, repeats: int = 5) -> dic
         t0 = time.perf_counter()
         save_checkpoint(state, run / CHECKPOINT_NAME)
         t1 = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=run) as tmp:
-            os.link(run / CHECKPOINT_NAME, Path(tmp) / CHECKPOINT_NAME)
-            dst = storage / f"checkpoint_{i:06d}"
-            dst.mkdir(parents=True)
-            shutil.copy2(Path(tmp) / CHECKPOINT_NAME, dst / CHECKPOINT_NAME)
+        with staged(run / CHECKPOINT_NAME) as folder:  # what report_to_tune hands Tune
+            shutil.copytree(folder, storage / f"checkpoint_{i:06d}")  # and Tune's upload
         t2 = time.perf_counter()
         saves.append(t1 - t0)
         reports.append(t2 - t1)

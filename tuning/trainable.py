@@ -6,7 +6,6 @@ import gc
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -16,7 +15,7 @@ import ray
 import torch
 from ray import tune
 
-from tuning.checkpoint import CheckpointError, atomic_write_text, safe_load
+from tuning.checkpoint import CheckpointError, atomic_write_text, safe_load, staged
 from tuning.config import RunConfig
 from tuning.space import Space, trial_values
 from tuning.teachers import teacher_path, teacher_recipe
@@ -49,20 +48,14 @@ class SearchContext:
 def report_to_tune(metrics: dict[str, Any], ckpt: Path | None) -> None:
     """Report an epoch to Tune, with its checkpoint when the epoch wrote one.
 
-    Tune wants the checkpoint as a folder, which it copies to storage during the report. The
-    file is hard-linked into that folder, not copied: the trainer only ever replaces its
-    checkpoint by renaming, so the linked file cannot change under Tune.
+    Tune wants the checkpoint as a folder, which it copies to storage during the report.
     """
     metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
     if ckpt is None:
         tune.report(metrics)
         return
-    with tempfile.TemporaryDirectory(dir=ckpt.parent, prefix=".report-") as tmp:
-        try:
-            os.link(ckpt, Path(tmp) / CHECKPOINT_NAME)
-        except OSError:  # a file system without hard links
-            shutil.copy2(ckpt, Path(tmp) / CHECKPOINT_NAME)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+    with staged(ckpt) as folder:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")
