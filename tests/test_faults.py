@@ -581,7 +581,7 @@ def test_a_resumed_teacher_leaves_no_torn_files_in_the_store(tmp_path):
     """A teacher killed inside a write leaves a temp file in `<key>.partial/`; the finished
     teacher must not carry it into the store."""
     from tuning.config import RunConfig
-    from tuning.teachers import teacher_recipe, train_teacher
+    from tuning.search.teachers import teacher_recipe, train_teacher
 
     trial = RunConfig(dataset="digits", depth=18, width=8, batch_size=64,
                       data_root=str(tmp_path / "datasets"))

@@ -248,7 +248,7 @@ def test_test_accuracy_only_for_a_checkpoint_of_the_reported_epoch(tmp_path, cap
     accuracy would be an older model's, so there is none."""
     import math
 
-    from tuning import results
+    from tuning.search import results
     from tuning.trainer import train
 
     cfg = RunConfig(method="ce", shortcut="all", width=4, epochs=2, batch_size=64, device="cpu",

@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from tuning.config import RunConfig
-from tuning.space import (
+from tuning.search.space import (
     SpaceError,
     SpaceSampler,
     available_spaces,
@@ -63,7 +63,7 @@ def test_jointrd_space_searches_the_original_student_options():
 
 
 def test_teacher_plan_covers_every_dataset_and_teacher_depth():
-    from tuning.teachers import plan_teachers
+    from tuning.search.teachers import plan_teachers
 
     space = load_space("alignkd")
     plan = plan_teachers(space, {"seed": 0, "width": 64}, teacher_epochs=200)

@@ -16,7 +16,7 @@ from searchutil import rows, search_args, tracking_uri
 
 from tuning import report
 from tuning.search import main
-from tuning.tracking import scrub
+from tuning.search.tracking import scrub
 
 pytestmark = pytest.mark.slow
 

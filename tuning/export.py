@@ -54,7 +54,7 @@ def _mlflow_source(arg: str) -> Path | None:
     run_id = arg.removeprefix("runs:/").strip("/")
     if not re.fullmatch(r"[0-9a-f]{32}", run_id):
         return None
-    from tuning.tracking import check_reachable, client, default_tracking_uri
+    from tuning.search.tracking import check_reachable, client, default_tracking_uri
 
     uri = default_tracking_uri()
     check_reachable(uri)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tuning.config import UserError
-from tuning.tracking import check_reachable, client, default_tracking_uri
+from tuning.search.tracking import check_reachable, client, default_tracking_uri
 
 METHOD_ORDER = ("alignkd", "jointrd", "kd", "ce")
 

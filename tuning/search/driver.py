@@ -14,12 +14,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from tuning import report, tracking
+from tuning import report
 from tuning.checkpoint import atomic_write_text
-from tuning.results import error_reason
-from tuning.space import Space, SpaceSampler
-from tuning.teachers import plan_teachers, teacher_path, train_teacher
-from tuning.trainable import KEEP_CHECKPOINTS, SearchContext, run_trial
+from tuning.search import tracking
+from tuning.search.results import error_reason
+from tuning.search.space import Space, SpaceSampler
+from tuning.search.teachers import plan_teachers, teacher_path, train_teacher
+from tuning.search.trainable import KEEP_CHECKPOINTS, SearchContext, run_trial
 
 METRIC = "val_acc"
 SETTINGS_NAME = "search.yaml"
@@ -132,8 +133,8 @@ def make_trainable(context: SearchContext, settings: dict[str, Any]):
 
 def run_search(settings: dict[str, Any], space: Space, *, address: str | None, resume: bool,
                folder: Path) -> int:
-    from tuning import results as res
-    from tuning.search import write_settings
+    from tuning.search import results as res
+    from tuning.search.cli import write_settings
 
     # Tune saves its view of the search (trials, their last checkpoints, the searcher) every
     # 10 s or more by default; a trial it has not saved yet is one that a resume after a killed

@@ -17,9 +17,9 @@ from ray import tune
 
 from tuning.checkpoint import CheckpointError, atomic_write_text, safe_load, staged
 from tuning.config import RunConfig
-from tuning.space import Space, trial_values
-from tuning.teachers import teacher_path, teacher_recipe
-from tuning.tracking import Tracker, client, log_metrics
+from tuning.search.space import Space, trial_values
+from tuning.search.teachers import teacher_path, teacher_recipe
+from tuning.search.tracking import Tracker, client, log_metrics
 from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, train
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from tuning.config import RunConfig
-from tuning.space import Space
+from tuning.search.space import Space
 from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, train
 
 # Fields of a trial's config that a teacher's recipe inherits; the rest is the recipe's own.

@@ -14,8 +14,8 @@ import yaml
 from data import DataError, load_arrays
 from tuning.checkpoint import atomic_write_text
 from tuning.config import ConfigError, RunConfig, UserError
-from tuning.space import Space, load_space, parse_space
-from tuning.tracking import check_reachable, default_tracking_uri
+from tuning.search.space import Space, load_space, parse_space
+from tuning.search.tracking import check_reachable, default_tracking_uri
 
 SMOKE = {"dataset": "digits", "depth": 18, "width": 8, "batch_size": 64}
 SMOKE_SETTINGS = {"epochs": 4, "teacher_epochs": 4, "num_samples": 4, "max_concurrent": 2}
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             except OSError:
                 raise UserError(f"--storage-path {storage} is not writable; choose a folder you "
                                 "can write to") from None
-        from tuning.driver import run_search  # imports Ray only once the input is known good
+        from tuning.search.driver import run_search  # imports Ray only once the input is known good
 
         return run_search(settings, space, address=args.address, resume=args.resume,
                           folder=folder)

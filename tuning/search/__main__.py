@@ -1,0 +1,5 @@
+import sys
+
+from tuning.search.cli import main
+
+sys.exit(main())
