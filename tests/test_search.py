@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from searchutil import rows, search_args, tracking_uri
+from optuna.trial import TrialState
+from searchutil import check_studies_agree_with_tune, rows, search_args, tracking_uri
 
 from tuning.config import RunConfig
 from tuning.search import main
@@ -23,26 +24,79 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("search")
 
 
-def test_smoke_search_end_to_end(ray_session, root, capsys):
-    code = main(search_args(root, "smoke", "--num-samples", "3", "--epochs", "2"))
+def test_smoke_search_runs_two_cells_each_with_its_chosen_and_tested_trial(ray_session, root,
+                                                                          capsys):
+    code = main(search_args(root, "smoke", "--num-samples", "2", "--epochs", "2", depth=None))
     out = capsys.readouterr().out
     assert code == 0, out
     table = rows(root, "smoke")
-    assert len(table) == 3 and len({r["trial_id"] for r in table}) == 3
+    assert len(table) == 4 and len({r["trial_id"] for r in table}) == 4
     assert {r["status"] for r in table} <= {"TERMINATED", "STOPPED_EARLY"}
-    assert all(0.0 <= float(r["val_acc"]) <= 1.0 for r in table)
-    best = max(table, key=lambda r: float(r["val_acc"]))
-    assert float(best["test_acc"]) > 0  # evaluated once, for the chosen trial only
-    assert sum(r["test_acc"] not in ("", "nan") for r in table) == 1
-    assert "best trial" in out and "results.csv" in out
-    # The best config runs again as a single training run.
-    cfg = RunConfig.from_yaml(root / "ray" / "smoke" / "best_config.yaml")
-    assert cfg.method == "alignkd" and cfg.dataset == "digits" and Path(cfg.teacher).is_file()
-    assert train_main(["--config", str(root / "ray" / "smoke" / "best_config.yaml"),
-                       "--epochs", "1", "--out", str(root / "again"), "--quiet"]) == 0
+    cells = rows(root, "smoke", "cells.csv")
+    assert [c["cell"] for c in cells] == ["depth=18", "depth=34"]
+    found = check_studies_agree_with_tune(root, "smoke", per_cell=2)
+    for cell in cells:
+        mine = [r for r in table if r["cell"] == cell["cell"]]
+        assert len(mine) == 2 and {r["depth"] for r in mine} == {cell["cell"][-2:]}
+        # Exactly one test evaluation per cell: its chosen trial's, on the selected weights.
+        tested = [r for r in mine if r["test_acc"] not in ("", "nan")]
+        assert len(tested) == 1 and tested[0]["chosen"] == "True"
+        assert tested[0]["trial_id"] == cell["chosen_trial"]
+        assert cell["test_acc"] == tested[0]["test_acc"] and 0 < float(cell["test_acc"]) <= 1
+        # The chosen trial is the study's best: selected on the last epoch's val accuracy.
+        study = found[cell["cell"]]
+        assert study.best_trial.user_attrs["ray_trial_id"] == cell["chosen_trial"]
+        assert study.best_value == pytest.approx(float(cell["val_acc"]))
+        assert study.user_attrs["chosen"]["test_acc"] == pytest.approx(float(cell["test_acc"]))
+        config = Path(cell["config"])
+        assert config.parent == root / "ray" / "smoke" / "best" and config.is_file()
+    assert "per cell" in out and "cells.csv" in out
+    # A chosen config runs again as a single training run.
+    cfg = RunConfig.from_yaml(cells[1]["config"])
+    assert cfg.method == "alignkd" and cfg.dataset == "digits" and cfg.depth == 34
+    assert Path(cfg.teacher).is_file()
+    assert train_main(["--config", cells[1]["config"], "--epochs", "1",
+                       "--out", str(root / "again"), "--quiet"]) == 0
     teachers = [p for p in (root / "teachers").iterdir() if p.is_dir()]
     # the alignkd space searches teacher_depth: a ResNet-18 and a ResNet-34 teacher
     assert len(teachers) == 2 and not any(t.name.endswith(".partial") for t in teachers)
+
+
+def test_optuna_dashboard_shows_each_cells_study(root):
+    """The README's optuna-dashboard command, served on 127.0.0.1 and read over its REST API."""
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"),
+                             f"sqlite:///{root / 'optuna.db'}", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def get(path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return json.load(r)
+
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                listed = get("/api/studies")["study_summaries"]
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "dashboard did not start"
+                time.sleep(0.5)
+        ids = {s["study_name"]: s["study_id"] for s in listed}
+        assert {"smoke/depth=18", "smoke/depth=34"} <= set(ids)
+        detail = get(f"/api/studies/{ids['smoke/depth=34']}")
+        assert len(detail["trials"]) == 2
+        assert all(t["intermediate_values"] for t in detail["trials"])  # the curves
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_a_later_search_reuses_the_cached_teacher(ray_session, root, capsys):
@@ -55,13 +109,80 @@ def test_a_later_search_reuses_the_cached_teacher(ray_session, root, capsys):
     assert teacher.stat().st_mtime_ns == before
 
 
-def test_acc_time_objective_marks_the_pareto_front(ray_session, root):
+def random_label_npz(path: Path, n: int = 480) -> Path:
+    """Images whose labels are noise: a cell whose accuracy stays near chance, far below
+    digits' at every epoch."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8),
+             labels=rng.integers(0, 10, n))
+    return path
+
+
+ISOLATION_SPACE = """
+fixed: {method: alignkd, shortcut: none, teacher_depth: 18}
+across:
+  dataset: [digits, npz]
+params:
+  lr: {type: choice, values: [0.05, 0.00001]}
+  alpha: {type: float, low: 0.0, high: 1.0}
+"""
+
+
+def test_cells_never_compete_in_sampling_or_early_stopping(ray_session, root, tmp_path):
+    """digits and a random-label set differ systematically. Pooled, ASHA would stop every
+    random-label trial; per cell, each gets its full budget, every stop compared only trials
+    of its own cell, and stopped trials are PRUNED in the cell's study."""
+    space = tmp_path / "two-sets.yaml"
+    space.write_text(ISOLATION_SPACE)
+    data = random_label_npz(tmp_path / "noise.npz")
+    code = main(search_args(root, "cells", "--num-samples", "4", "--epochs", "4",
+                            "--set", f"data_path={data}", space=str(space), smoke=False))
+    assert code == 0
+    table = rows(root, "cells")
+    cell_of = {r["trial_id"]: r["cell"] for r in table}
+    assert sorted(cell_of.values()) == ["dataset=digits"] * 4 + ["dataset=npz"] * 4
+    found = check_studies_agree_with_tune(root, "cells", per_cell=4)
+    mean = {c: sum(float(r["val_acc"]) for r in table if r["cell"] == c and
+                   r["status"] == "TERMINATED") / max(1, sum(
+                       r["cell"] == c and r["status"] == "TERMINATED" for r in table))
+            for c in found}
+    assert mean["dataset=digits"] > mean["dataset=npz"] + 0.2  # systematically apart
+    records = [(t, k, v) for cell, study in found.items() for t in study.trials
+               for k, v in t.user_attrs.items() if k.startswith("asha_epoch_")]
+    assert {r[1] for r in records} == {"asha_epoch_2"}  # the one rung, after the lr peak
+    for trial, _, record in records:
+        mine = cell_of[trial.user_attrs["ray_trial_id"]]
+        assert record["cell"] == mine
+        assert {c["ray_trial_id"] for c in record["compared"]} <= {
+            t for t, c in cell_of.items() if c == mine}  # no other cell's trial compared
+        for c in record["compared"]:  # the values compared are those trials' recorded ones
+            other = found[mine].trials[c["study_trial"]]
+            assert other.intermediate_values[2] == pytest.approx(c["value"])
+        assert record["go_on"] is (trial.state != TrialState.PRUNED)
+    assert {cell_of[t.user_attrs["ray_trial_id"]] for t, _, _ in records} == set(found)
+    pruned = [t for study in found.values() for t in study.trials
+              if t.state == TrialState.PRUNED]
+    assert pruned, "no trial was stopped: the rung never decided anything"
+    for t in pruned:
+        assert sorted(t.intermediate_values) == [1, 2] and t.value == t.intermediate_values[2]
+    for cell in found:  # each cell: one chosen trial, tested once
+        tested = [r for r in table if r["cell"] == cell and r["test_acc"] not in ("", "nan")]
+        assert len(tested) == 1 and tested[0]["status"] == "TERMINATED"
+
+
+def test_acc_time_objective_finds_a_pareto_front_per_cell(ray_session, root):
     code = main(search_args(root, "pareto", "--num-samples", "2", "--epochs", "1",
                             "--objective", "acc-time", space="compare"))
     assert code == 0
     table = rows(root, "pareto")
-    assert any(r["pareto"] == "True" for r in table)
-    assert {r["method"] for r in table} <= {"alignkd", "jointrd"}
+    assert sorted(r["cell"] for r in table) == ["method=alignkd"] * 2 + ["method=jointrd"] * 2
+    for cell, study in check_studies_agree_with_tune(root, "pareto", per_cell=2).items():
+        assert len(study.directions) == 2
+        front = {t.user_attrs["ray_trial_id"] for t in study.best_trials}
+        assert front == {r["trial_id"] for r in table if r["cell"] == cell and
+                         r["pareto"] == "True"}
 
 
 def _wait_for(predicate, timeout: float, proc=None) -> bool:
@@ -78,9 +199,10 @@ def _wait_for(predicate, timeout: float, proc=None) -> bool:
 def test_resume_after_the_driver_is_killed(ray_session, root, tmp_path):
     name = "killed"
     log = open(tmp_path / "driver.log", "w")
-    args = search_args(root, name, "--set", "checkpoint_interval_s=0", "--num-samples", "3",
-                       "--epochs", "3", "--max-concurrent",
-                       "1", "--scheduler", "fifo")
+    # Two cells, two trials each, early stopping on: the studies and the rung decisions must
+    # come through the kill as Tune's trials do.
+    args = search_args(root, name, "--set", "checkpoint_interval_s=0", "--num-samples", "2",
+                       "--epochs", "3", "--max-concurrent", "1", depth=None)
     proc = subprocess.Popen([sys.executable, "-m", "tuning.search", *args], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     experiment = root / "ray" / name
@@ -96,10 +218,14 @@ def test_resume_after_the_driver_is_killed(ray_session, root, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (experiment / "results.csv").exists()  # it really died mid-search
-    assert main(search_args(root, name, "--resume")) == 0
+    assert main(search_args(root, name, "--resume", depth=None)) == 0
     table = rows(root, name)
-    assert len(table) == 3 and len({r["trial_id"] for r in table}) == 3
-    assert all(r["status"] == "TERMINATED" and r["epochs"] == "3" for r in table), table
+    assert len(table) == 4 and len({r["trial_id"] for r in table}) == 4
+    assert all(r["status"] == "STOPPED_EARLY" or r["epochs"] == "3" for r in table), table
+    # Each study: no trial lost twice or duplicated, each in the state Tune gave it.
+    found = check_studies_agree_with_tune(root, name, per_cell=2)
+    assert all(len(rows_) == 1 for rows_ in [
+        [r for r in rows(root, name, "cells.csv") if r["cell"] == c] for c in found])
     # MLflow: one child run per trial, none left RUNNING, the parent finished.
     from mlflow import MlflowClient
 
@@ -169,6 +295,8 @@ def test_two_node_cluster_runs_trials_on_both_nodes(root, tmp_path):
     "resume_other_space", "name_exists", "bad_flag", "unreachable_tracking",
     "space_yaml", "space_unknown_key", "space_negative_lam", "space_eta_order",
     "space_empty_choice", "set_unknown_dataset", "set_unknown_method", "teacher_classes",
+    "across_not_a_field", "across_no_values", "across_and_searched", "optuna_unwritable",
+    "optuna_unopenable", "resume_other_cells", "resume_other_epochs", "teacher_recipe_range",
     "teacher_corrupt", "negative_concurrency",
 ])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, capsys):
@@ -183,6 +311,12 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
         "space_eta_order": "fixed: {eta_start: 0.5, eta_end: 1.0}\n"
                            "params:\n  lr: {type: float, low: 0.01, high: 0.1}\n",
         "space_empty_choice": "params:\n  feature_loss: {type: choice, values: []}\n",
+        "across_not_a_field": "across: {eta_span: [0.2, 0.4]}\n",
+        "across_no_values": "across: {dataset: []}\n",
+        "across_and_searched": "across: {depth: [18, 34]}\n"
+                               "params:\n  depth: {type: choice, values: [18, 34]}\n",
+        "teacher_recipe_range": "fixed: {method: alignkd}\n"
+                                "params:\n  batch_size: {type: int, low: 32, high: 64}\n",
     }
     space_file = tmp_path / "space.yaml"
     space_file.write_text(spaces.get(case, GOOD_SPACE))
@@ -215,6 +349,20 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
         "space_negative_lam": (["--space", str(space_file)], "params.lam.low: lam must be"),
         "space_eta_order": (["--space", str(space_file)], "end (1.0) is beyond its start"),
         "space_empty_choice": (["--space", str(space_file)], "must be a non-empty list"),
+        "across_not_a_field": (["--space", str(space_file)], "must be a run-config field"),
+        "across_no_values": (["--space", str(space_file)], "must be a non-empty list"),
+        "across_and_searched": (["--space", str(space_file)], "is both run across and searched"),
+        "teacher_recipe_range": (["--space", str(space_file)],
+                                 "params.batch_size: each trial's teacher is trained"),
+        "optuna_unwritable": (["--optuna-storage", f"sqlite:///{blocker}/sub/o.db"],
+                              "is not a writable folder"),
+        "optuna_unopenable": (["--optuna-storage", "nosuchdb://127.0.0.1:9/x"],
+                              "--optuna-storage nosuchdb://127.0.0.1:9/x cannot be opened"),
+        "resume_other_cells": (["--resume", "--name", "smoke", "--set", "depth=34"],
+                               "runs the cells depth=18, depth=34; with --set depth=34 it "
+                               "would run all"),
+        "resume_other_epochs": (["--resume", "--name", "smoke", "--epochs", "9"],
+                                "a resumed search keeps its settings"),
         "set_unknown_dataset": (["--set", "dataset=mnist"], "dataset must be one of"),
         "set_unknown_method": (["--set", "method=dino"], "method must be one of"),
         "teacher_classes": (["--set", f"teacher={teacher}"],
@@ -225,7 +373,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
     base = ["--storage-path", str(tmp_path / "ray"), "--teacher-store", str(tmp_path / "t"),
             "--data-root", str(tmp_path / "datasets"), "--smoke",
             "--tracking-uri", tracking_uri(tmp_path)]
-    if case in ("resume_other_space", "name_exists"):
+    kept = ("resume_other_space", "name_exists", "resume_other_cells", "resume_other_epochs")
+    if case in kept:
         if before is None:
             pytest.skip("needs the smoke search of this module")
         base[1] = str(root / "ray")
@@ -236,9 +385,9 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and expect in err, err
     assert len(err.strip().splitlines()) == 1, err
-    if case not in ("resume_other_space", "name_exists"):
+    if case not in kept:
         assert not (tmp_path / "ray").exists() and not (tmp_path / "t").exists()
-        assert not (tmp_path / "mlflow.db").exists()
+        assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()
     if before is not None:
         assert sorted(p.name for p in existing.iterdir()) == before
 

@@ -8,7 +8,6 @@ from tuning.search.space import (
     SpaceError,
     SpaceSampler,
     available_spaces,
-    grid_points,
     load_space,
     parse_space,
     trial_values,
@@ -18,14 +17,15 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def sample_configs(space, n=30, seed=0):
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
+    """n samples per cell, each with its cell's values, as the search's studies ask them."""
     sampler = SpaceSampler(space)
     out = []
-    for _ in range(n):
-        trial = study.ask()
-        sampler(trial)
-        out.append(dict(trial.params))
-        study.tell(trial, 0.5)
+    for cell in space.cells():
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
+        for _ in range(n):
+            trial = study.ask()
+            out.append({**cell.as_dict(), **sampler.sample(trial, cell)})
+            study.tell(trial, 0.5)
     return out
 
 
@@ -37,7 +37,8 @@ def test_bundled_spaces_are_the_four_the_product_names():
 def test_each_space_samples_valid_run_configs(name):
     space = load_space(name)
     for sample in sample_configs(space):
-        cfg = RunConfig(**trial_values(space, sample, {"epochs": 200, "teacher": "t.pt"}))
+        cfg = RunConfig(**trial_values(space.with_fixed({"epochs": 200, "teacher": "t.pt"}),
+                                       sample))
         assert cfg.dataset in ("cifar10", "cifar100", "imagewoof") and cfg.depth in (18, 34)
         assert cfg.eta_end <= cfg.eta_start  # the schedule decays
         assert 20 <= cfg.eta_epochs <= 120  # eta_span 0.1..0.6 of 200 epochs
@@ -45,9 +46,17 @@ def test_each_space_samples_valid_run_configs(name):
 
 
 def test_alignkd_space_searches_what_the_issue_lists():
-    names = {p.name for p in load_space("alignkd").params}
+    space = load_space("alignkd")
     assert {"alpha", "temperature", "eta_kind", "eta_start", "eta_end", "eta_span", "lr",
-            "weight_decay", "dataset", "depth", "feature_loss", "teacher_depth"} <= names
+            "weight_decay", "feature_loss", "teacher_depth"} <= {p.name for p in space.params}
+    # A data set or a depth is never a hyperparameter: the search runs across them.
+    assert space.dims == ("dataset", "depth") and len(space.cells()) == 6
+
+
+def test_compare_runs_each_method_in_cells_of_its_own():
+    space = load_space("compare")
+    assert space.dims == ("method", "dataset", "depth") and len(space.cells()) == 12
+    assert "method" not in {p.name for p in space.params}
 
 
 def test_alignkd_samples_every_feature_loss_and_cross_depth_pairs():
@@ -66,13 +75,53 @@ def test_teacher_plan_covers_every_dataset_and_teacher_depth():
     from tuning.search.teachers import plan_teachers
 
     space = load_space("alignkd")
-    plan = plan_teachers(space, {"seed": 0, "width": 64}, teacher_epochs=200)
+    plan = plan_teachers(space.with_fixed({"seed": 0, "width": 64}), teacher_epochs=200)
     assert sorted((r.config.dataset, r.config.depth) for r in plan) == sorted(
         (d, n) for d in ("cifar10", "cifar100", "imagewoof") for n in (18, 34))
     assert all(r.config.shortcut == "all" and r.config.method == "ce" for r in plan)
-    smoke = plan_teachers(space.without({"dataset", "depth"}),
-                          {"dataset": "digits", "depth": 18, "width": 8}, teacher_epochs=4)
+    smoke = plan_teachers(space.with_fixed({"dataset": "digits", "depth": 18, "width": 8}),
+                          teacher_epochs=4)
     assert sorted(r.config.depth for r in smoke) == [18, 34]
+
+
+def _planned_and_asked(space, epochs=3):
+    """The teachers planned, and the teacher paths every sampled trial asks for."""
+    from tuning.search.teachers import plan_teachers, teacher_path, teacher_recipe
+
+    planned = {r.key for r in plan_teachers(space, teacher_epochs=epochs)}
+    asked = set()
+    for sample in sample_configs(space, n=12):
+        cfg = RunConfig(**trial_values(space, sample))
+        asked.add(teacher_path("store", teacher_recipe(cfg, epochs)).parent.name)
+    return planned, asked
+
+
+@pytest.mark.parametrize("fixed", [
+    "batch_size: 256", "val_fraction: 0.2", "split_seed: 3", "seed: 5",
+    "dataset: npz\n  data_path: /d/x.npz",
+])
+def test_teachers_are_planned_from_each_trials_merged_config(fixed):
+    """A recipe field fixed by the space itself (not by --set) reaches the planned teacher."""
+    text = f"fixed:\n  method: alignkd\n  {fixed}\nparams:\n" \
+           "  teacher_depth: {type: choice, values: [18, 34]}\n" \
+           "  alpha: {type: float, low: 0, high: 1}\n"
+    space = parse_space(text, source="t.yaml", name="t")
+    planned, asked = _planned_and_asked(space)
+    assert asked == planned and len(planned) == 2
+
+
+def test_teachers_follow_a_choice_of_a_recipe_field_and_refuse_a_range():
+    from tuning.search.teachers import plan_teachers
+
+    space = parse_space("fixed: {method: alignkd}\nacross: {depth: [18, 34]}\nparams:\n"
+                        "  batch_size: {type: choice, values: [64, 128]}\n",
+                        source="t.yaml", name="t")
+    planned, asked = _planned_and_asked(space)
+    assert asked == planned and len(planned) == 4  # 2 depths x 2 batch sizes
+    ranged = parse_space("params:\n  batch_size: {type: int, low: 32, high: 256}\n",
+                         source="t.yaml", name="t")
+    with pytest.raises(SpaceError, match="params.batch_size: each trial's teacher is trained"):
+        plan_teachers(ranged, teacher_epochs=3)
 
 
 def test_compare_parameters_are_conditional_on_the_method():
@@ -87,21 +136,38 @@ def test_compare_parameters_are_conditional_on_the_method():
             assert 1e-4 <= s["lam"] <= 1e-1
 
 
-def test_paper_space_is_the_papers_grid():
+def test_paper_space_is_the_papers_settings_once_per_cell():
     space = load_space("paper")
-    points = grid_points(space)
-    assert space.grid_size == 12 and len(points) == 12
-    assert {(p["method"], p["dataset"], p["depth"]) for p in points} == {
+    cells = space.cells()
+    assert space.kind == "fixed" and len(cells) == 12 and space.cell_budget(20) == 1
+    assert {(c.as_dict()["method"], c.as_dict()["dataset"], c.as_dict()["depth"])
+            for c in cells} == {
         (m, d, n) for m in ("alignkd", "jointrd") for d in ("cifar10", "cifar100", "imagewoof")
         for n in (18, 34)}
-    cfg = RunConfig(**trial_values(space, points[0], {"teacher": "t.pt"}))
+    cfg = RunConfig(**trial_values(space.with_fixed({"teacher": "t.pt"}), cells[0].as_dict()))
     assert (cfg.alpha, cfg.lam, cfg.eta_start, cfg.eta_end, cfg.eta_epochs, cfg.epochs) == (
         0.5, 0.001, 1.0, 0.5, 60, 200)
 
 
-def test_overrides_remove_parameters_from_the_search():
-    space = load_space("alignkd").without({"dataset", "depth"})
-    assert not {"dataset", "depth"} & {p.name for p in space.params}
+def test_overrides_remove_parameters_from_the_search_and_dimensions_from_the_cells():
+    space = load_space("alignkd").with_fixed({"dataset": "cifar10", "teacher_depth": 18})
+    assert "teacher_depth" not in {p.name for p in space.params}
+    assert space.dims == ("depth",) and [c.key for c in space.cells()] == ["depth=18",
+                                                                             "depth=34"]
+    single = space.with_fixed({"depth": 34})
+    assert [c.key for c in single.cells()] == ["all"] and single.fixed["depth"] == 34
+
+
+@pytest.mark.parametrize(("overrides", "check"), [
+    ({"eta_epochs": 60}, lambda c: c.eta_epochs == 60),   # not replaced by the searched span
+    ({"eta_span": 0.5}, lambda c: c.eta_epochs == 100),
+    ({"eta_start": 0.3}, lambda c: c.eta_end <= 0.3),     # bounds the searched end
+    ({"eta_end": 0.9}, lambda c: c.eta_start >= 0.9),     # bounds the searched start
+])
+def test_eta_overrides_combine_with_the_searched_schedule(overrides, check):
+    space = load_space("alignkd").with_fixed({"epochs": 200, "teacher": "t.pt", **overrides})
+    configs = [RunConfig(**trial_values(space, s)) for s in sample_configs(space, n=20)]
+    assert all(check(c) and c.eta_end <= c.eta_start for c in configs)
 
 
 def test_space_sampler_pickles_with_its_space():
@@ -134,10 +200,27 @@ GOOD = "fixed: {method: alignkd}\nparams:\n  alpha: {type: float, low: 0.0, high
     ("params:\n  eta_start: {type: float, low: 0.1, high: 0.4}\n"
      "  eta_end: {type: float, low: 0.5, high: 0.9}\n", "beyond its start"),
     ("fixed: {method: alignkd}\n", "searches nothing"),
+    ("across: {alfa: [1, 2]}\n", "across.alfa: unknown key"),
+    ("across: {eta_span: [0.1, 0.2]}\n", "across.eta_span: must be a run-config field"),
+    ("across: {dataset: []}\n", "across.dataset: must be a non-empty list"),
+    ("across: {dataset: cifar10}\n", "across.dataset: must be a non-empty list"),
+    ("across: {depth: [18, 18]}\n", "across.depth: lists a value twice"),
+    ("across: {depth: [18, 50]}\n", "depth must be one of"),
+    ("across: {depth: [18, 34]}\nparams:\n  depth: {type: choice, values: [18, 34]}\n",
+     "across.depth: is both run across and searched"),
+    ("across: {epochs: [10, 20]}\n", "epochs: epochs is a setting of the whole search"),
+    ("across: [dataset]\n", "across: must be a mapping"),
+    ("params:\n  depth: {type: choice, values: [18, 34, 18]}\n", "lists a value twice"),
+    ("params: [alpha]\n", "params: must be a mapping"),
+    ("params:\n  eta_span: {type: float, low: 0.1, high: 0.5}\n"
+     "  eta_epochs: {type: int, low: 10, high: 50}\n", "say the same thing"),
     ("fixed: {alpha: 0.5}\nparams:\n  alpha: {type: float, low: 0, high: 1}\n",
      "both fixed and searched"),
     ("params:\n  lam: {type: float, low: 0.001, high: 0.1, when: {method: jointrd}}\n",
-     "when.method: must name a choice parameter listed before"),
+     "when.method: must name an across-dimension or a choice parameter listed before"),
+    ("across: {method: [alignkd, jointrd]}\nparams:\n"
+     "  lam: {type: float, low: 0.001, high: 0.1, when: {method: dino}}\n",
+     "when.method: 'dino' is not one of"),
     ("params:\n  eta_span: {type: float, low: 0.1, high: 1.5}\n", "fraction in [0, 1]"),
 ])
 def test_malformed_space_errors_name_file_key_and_rule(text, match):

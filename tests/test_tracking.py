@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def searched(ray_session, tmp_path_factory):
-    """One compare search with ASHA: some trials finish, some are stopped early."""
+    """One compare search with ASHA: two cells (alignkd, jointrd), two trials each."""
     root = tmp_path_factory.mktemp("tracked")
-    assert main(search_args(root, "tracked", "--num-samples", "4", "--epochs", "3",
+    assert main(search_args(root, "tracked", "--num-samples", "2", "--epochs", "3",
                             space="compare")) == 0
     return root
 
@@ -46,9 +46,11 @@ def test_one_experiment_one_parent_and_a_nested_run_per_trial(searched):
     assert len(parent) == 1 and len(children) == len(table) == 4
     p = parent[0]
     assert {"space", "sampler", "scheduler", "num_samples", "seed"} <= set(p.data.params)
-    assert p.data.params["sampler"] == "tpe" and p.data.params["num_samples"] == "4"
+    assert p.data.params["sampler"] == "tpe" and p.data.params["num_samples"] == "2"
     artifacts = {a.path for a in mlflow.list_artifacts(p.info.run_id)}
-    assert {"results.csv", "best_config.yaml", "search.yaml", "plots"} <= artifacts
+    assert {"results.csv", "cells.csv", "best", "search.yaml", "plots"} <= artifacts
+    chosen = {a.path for a in mlflow.list_artifacts(p.info.run_id, "best")}
+    assert chosen == {"best/method-alignkd.yaml", "best/method-jointrd.yaml"}
     plots = {a.path for a in mlflow.list_artifacts(p.info.run_id, "plots")}
     assert {"plots/val_acc_per_epoch.png", "plots/acc_vs_time.png"} <= plots
     assert all(c.data.tags["mlflow.parentRunId"] == p.info.run_id for c in children)
@@ -65,13 +67,15 @@ def test_trial_runs_hold_params_curves_tags_and_artifacts(searched):
         assert {"method", "dataset", "depth", "teacher_depth", "width", "teacher", "seed",
                 "lr", "weight_decay", "eta_kind"} <= set(params)
         assert any(k.startswith("sampled.") for k in params)
-        assert {"ray_trial_id", "search", "git_commit", "device"} <= set(tags)
+        assert {"ray_trial_id", "search", "git_commit", "device", "cell", "study_trial",
+                "chosen"} <= set(tags)
+        assert tags["cell"] == f"method={params['method']}"
         assert tags["teacher_run_id"] in teacher_ids  # links to the teacher's own run
         row = table[tags["ray_trial_id"]]
         history = mlflow.get_metric_history(run.info.run_id, "val_acc")
         assert sorted(m.step for m in history) == list(range(1, int(row["epochs"]) + 1))
-        assert {"train_loss", "loss_ce", "lr", "eta", "epoch_time", "images_per_s",
-                "best_val_acc", "train_time"} <= set(metrics)
+        assert {"train_loss", "loss_ce", "lr", "momentum", "eta", "epoch_time",
+                "images_per_s", "best_val_acc", "train_time"} <= set(metrics)
         term = "loss_kl" if params["method"] == "alignkd" else "loss_hybrid_ce_1"
         assert term in metrics
         artifacts = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
@@ -80,9 +84,18 @@ def test_trial_runs_hold_params_curves_tags_and_artifacts(searched):
             assert tags["stopped_early"] == "false"
         else:
             assert row["status"] == "STOPPED_EARLY" and tags["stopped_early"] == "true"
-    best = max(table.values(), key=lambda r: float(r["val_acc"]))
-    best_run = next(c for c in children if c.data.tags["ray_trial_id"] == best["trial_id"])
-    assert best_run.data.metrics["test_acc"] == pytest.approx(float(best["test_acc"]))
+    # Each cell's chosen trial, and only it, has a test accuracy, logged to its run.
+    for cell in ("method=alignkd", "method=jointrd"):
+        mine = [r for r in table.values() if r["cell"] == cell]
+        best = max((r for r in mine if r["status"] == "TERMINATED"),
+                   key=lambda r: float(r["val_acc"]))
+        assert best["chosen"] == "True"
+        runs = {c.data.tags["ray_trial_id"]: c for c in children}
+        assert runs[best["trial_id"]].data.metrics["test_acc"] == pytest.approx(
+            float(best["test_acc"]))
+        assert runs[best["trial_id"]].data.tags["chosen"] == "true"
+        assert all("test_acc" not in runs[r["trial_id"]].data.metrics
+                   for r in mine if r is not best)
 
 
 def test_report_prints_the_comparison_and_writes_plots(searched, tmp_path):
@@ -96,16 +109,19 @@ def test_report_prints_the_comparison_and_writes_plots(searched, tmp_path):
 def test_report_ratio_and_pareto_front_from_records():
     runs = [
         {"run_id": "a", "status": "FINISHED", "method": "alignkd", "dataset": "c", "depth": 18,
-         "val_acc": 0.9, "test_acc": 0.88, "train_time": 90.0, "epochs": 10, "epoch_time": 9.0},
+         "val_acc": 0.9, "test_acc": 0.88, "train_time": 90.0, "epochs": 10, "epoch_time": 9.0,
+         "chosen": True, "stopped_early": False},
         {"run_id": "b", "status": "FINISHED", "method": "jointrd", "dataset": "c", "depth": 18,
-         "val_acc": 0.91, "test_acc": 0.9, "train_time": 120.0, "epochs": 10, "epoch_time": 12.0},
+         "val_acc": 0.91, "test_acc": 0.9, "train_time": 120.0, "epochs": 10, "epoch_time": 12.0,
+         "chosen": True, "stopped_early": False},
         {"run_id": "c", "status": "FAILED", "method": "jointrd", "dataset": "c", "depth": 18,
-         "val_acc": 0.99, "test_acc": 0.0, "train_time": 1.0, "epochs": 1, "epoch_time": 1.0},
+         "val_acc": 0.99, "test_acc": 0.0, "train_time": 1.0, "epochs": 1, "epoch_time": 1.0,
+         "chosen": False, "stopped_early": False},
     ]
     table = report.comparison(runs)
     assert [r["method"] for r in table] == ["alignkd", "jointrd"]
     assert table[0]["alignkd/jointrd"] == pytest.approx(0.75)
-    assert table[1]["best_val_acc"] == 0.91  # the failed run is not a result
+    assert table[1]["val_acc"] == 0.91  # the failed run is not a result
     assert report.pareto_front([(1, 0.5), (2, 0.4), (3, 0.7), (4, 0.6)]) == [(1, 0.5), (3, 0.7)]
 
 
@@ -113,6 +129,7 @@ def test_a_diverging_trial_is_failed_with_its_reason_and_the_search_goes_on(ray_
                                                                             tmp_path):
     space = tmp_path / "wild.yaml"
     space.write_text("fixed: {method: alignkd}\ngrid:\n  lr: [0.02, 100000.0]\n")
+    # a grid runs every point in its cell: two trials
     code = main(search_args(tmp_path, "wild", "--epochs", "2", "--scheduler", "fifo",
                             space=str(space)))
     assert code == 0

@@ -276,3 +276,22 @@ def test_teacher_depth_must_match_the_teacher(tmp_path, teacher34):
     cfg = RunConfig(method="alignkd", teacher=str(teacher34), teacher_depth=18, **THIN)
     with pytest.raises(CheckpointError, match="is ResNet-34 but teacher_depth is 18"):
         train(cfg, tmp_path, quiet=True)
+
+
+def test_momentum_is_what_the_config_says_and_what_is_logged(tmp_path):
+    """OneCycle cycles momentum against the lr (momentum -> base_momentum at the peak -> back);
+    with cycle_momentum false it stays at momentum. The logged value is the optimizer's."""
+    from tuning.checkpoint import load_checkpoint
+    from tuning.trainer import train
+
+    base = dict(method="ce", shortcut="all", width=4, epochs=4, batch_size=256, device="cpu",
+                checkpoint_interval_s=1e9, data_root=str(tmp_path / "data"))
+    logged = {}
+    for name, extra in (("cycled", {}), ("flat", {"cycle_momentum": False, "momentum": 0.9})):
+        train(RunConfig(**base, **extra), tmp_path / name, quiet=True, evaluate_test=False)
+        history = load_checkpoint(tmp_path / name / "checkpoint.pt")["history"]
+        logged[name] = [h["momentum"] for h in history]
+    assert all(0.85 - 1e-9 <= m <= 0.95 + 1e-9 for m in logged["cycled"])
+    assert logged["cycled"][0] < logged["cycled"][-1] == pytest.approx(0.95, abs=5e-3)
+    assert logged["flat"] == [0.9] * 4
+

@@ -13,6 +13,7 @@ from losses import ETA_KINDS, FEATURE_LOSSES, EtaSchedule
 from models import BLOCKS, SHORTCUTS
 
 METHODS = ("ce", "kd", "alignkd", "jointrd")
+PATH_DATASETS = ("npz", "imagewoof")  # the data sets that read data_path
 
 
 class UserError(Exception):
@@ -44,7 +45,12 @@ class RunConfig:
     batch_size: int = 128
     lr: float = 0.01
     max_lr_factor: float = 10.0  # OneCycle peaks at lr * max_lr_factor and starts at lr
-    momentum: float = 0.9
+    pct_start: float = 0.3  # the fraction of the steps after which OneCycle's lr peaks
+    # OneCycle as PyTorch runs it cycles momentum against the lr: `momentum` at the start and
+    # the end, `base_momentum` at the lr peak. With cycle_momentum false it stays `momentum`.
+    cycle_momentum: bool = True
+    momentum: float = 0.95
+    base_momentum: float = 0.85
     nesterov: bool = True
     weight_decay: float = 5e-4
     alpha: float = 0.5
@@ -84,7 +90,15 @@ class RunConfig:
         _integer("eta_epochs", self.eta_epochs, 0)
         _number("lr", self.lr, 0.0, low_open=True)
         _number("max_lr_factor", self.max_lr_factor, 1.0)
+        _number("pct_start", self.pct_start, 0.0, 1.0, low_open=True)
         _number("momentum", self.momentum, 0.0, 1.0)
+        _number("base_momentum", self.base_momentum, 0.0, 1.0)
+        for name in ("cycle_momentum", "nesterov", "dirac", "download", "compile"):
+            _boolean(name, getattr(self, name))
+        if self.cycle_momentum and self.base_momentum > self.momentum:
+            raise ConfigError(f"base_momentum ({self.base_momentum}) is above momentum "
+                              f"({self.momentum}); with cycle_momentum the momentum dips to "
+                              "base_momentum at the lr peak, so keep base_momentum <= momentum")
         _number("weight_decay", self.weight_decay, 0.0)
         _number("alpha", self.alpha, 0.0, 1.0)
         _number("temperature", self.temperature, 0.0, low_open=True)
@@ -97,6 +111,12 @@ class RunConfig:
         if self.dataset == "npz" and not self.data_path:
             raise ConfigError("dataset npz needs data_path: pass --data-path FILE.npz "
                               "(arrays 'images' uint8 NxHxWx3 and 'labels')")
+
+    def data_options(self) -> dict[str, Any]:
+        """The data set's own options: data_path reaches only the sets that read one, so a
+        search across digits and npz can fix one data_path for all its trials."""
+        return {"path": self.data_path} if self.data_path and self.dataset in PATH_DATASETS \
+            else {}
 
     @property
     def eta_schedule(self) -> EtaSchedule:
@@ -148,6 +168,11 @@ class RunConfig:
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false; got {value!r}")
 
 
 def _integer(name: str, value: Any, low: int) -> None:

@@ -50,7 +50,9 @@ def trial_runs(uri: str, exp, parent) -> list[dict[str, Any]]:
         out.append({
             "run_id": r.info.run_id, "status": r.info.status, "method": p.get("method"),
             "dataset": p.get("dataset"), "depth": int(p.get("depth", 0)),
-            "val_acc": m.get("best_val_acc", math.nan), "test_acc": m.get("test_acc", math.nan),
+            "cell": t.get("cell", ""), "chosen": t.get("chosen") == "true",
+            # the latest val_acc is the last epoch's: what a cell's trials are selected on
+            "val_acc": m.get("val_acc", math.nan), "test_acc": m.get("test_acc", math.nan),
             "train_time": m.get("train_time", math.nan), "epochs": epochs,
             "epoch_time": m.get("train_time", math.nan) / epochs if epochs else math.nan,
             "stopped_early": t.get("stopped_early") == "true",
@@ -59,10 +61,12 @@ def trial_runs(uri: str, exp, parent) -> list[dict[str, Any]]:
 
 
 def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per data set x depth x method: best val (and its test), time, and AlignKD/JointRD ratio.
+    """Per data set x depth x method: the chosen trial's val and test accuracy, its time, and
+    the AlignKD/JointRD ratio.
 
-    The time ratio compares median seconds per epoch, so runs an early-stopping scheduler
-    cut short still count fairly.
+    The chosen trial is the one its cell's study chose (tag `chosen`): the completed trial with
+    the best last-epoch validation accuracy. The time ratio compares median seconds per epoch,
+    so runs an early-stopping scheduler cut short still count fairly.
     """
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
@@ -75,9 +79,12 @@ def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ratio = (epoch_time["alignkd"] / epoch_time["jointrd"]
                  if {"alignkd", "jointrd"} <= set(epoch_time) else math.nan)
         for method in sorted(by_method, key=_method_key):
-            best = max(by_method[method], key=lambda x: x["val_acc"])
+            mine = by_method[method]
+            complete = [x for x in mine if not x["stopped_early"]] or mine
+            best = next((x for x in mine if x["chosen"]), None) or \
+                max(complete, key=lambda x: x["val_acc"])
             rows.append({"dataset": dataset, "depth": depth, "method": method,
-                         "runs": len(by_method[method]), "best_val_acc": best["val_acc"],
+                         "runs": len(mine), "val_acc": best["val_acc"],
                          "test_acc": best["test_acc"], "train_time": best["train_time"],
                          "epoch_time": epoch_time[method], "alignkd/jointrd": ratio})
     return rows
@@ -146,7 +153,7 @@ def plot(uri: str, runs: list[dict[str, Any]], out: Path) -> list[Path]:
 
 
 def table_text(rows: list[dict[str, Any]]) -> str:
-    cols = ["dataset", "depth", "method", "runs", "best_val_acc", "test_acc", "train_time",
+    cols = ["dataset", "depth", "method", "runs", "val_acc", "test_acc", "train_time",
             "epoch_time", "alignkd/jointrd"]
 
     def fmt(v: Any) -> str:

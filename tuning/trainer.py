@@ -183,7 +183,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
     torch.manual_seed(cfg.seed)
     data = build_data(cfg.dataset, cfg.data_root, batch_size=cfg.batch_size,
                       val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, device=device,
-                      download=cfg.download, **({"path": cfg.data_path} if cfg.data_path else {}))
+                      download=cfg.download, **cfg.data_options())
     teacher = load_teacher(cfg, data, device) if cfg.method != "ce" else None
     student = resnet(cfg.depth, shortcut=cfg.shortcut, stem=data.stem,
                      num_classes=data.num_classes, width=cfg.width, dirac=cfg.dirac).to(device)
@@ -256,7 +256,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
             "epoch": epoch + 1, "val_acc": val_acc, "best_val_acc": best_val,
             "train_loss": means.pop("loss"), "train_acc": values[-1] / max(seen, 1),
             **{f"loss_{k}": v for k, v in means.items()},
-            "lr": optimizer.param_groups[0]["lr"], "eta": hp.get("eta", float("nan")),
+            # The optimizer's own values at the epoch's end: OneCycle's, not the config's.
+            "lr": optimizer.param_groups[0]["lr"],
+            "momentum": optimizer.param_groups[0]["momentum"],
+            "eta": hp.get("eta", float("nan")),
             "epoch_time": epoch_time, "images_per_s": seen / epoch_time,
             "train_time": train_time, "eval_time": eval_time,
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import time
@@ -14,12 +15,19 @@ import yaml
 from data import DataError, load_arrays
 from tuning.checkpoint import atomic_write_text
 from tuning.config import ConfigError, RunConfig, UserError
-from tuning.search.space import Space, load_space, parse_space
+from tuning.search.space import RUN_KEYS, Space, load_space, parse_space
+from tuning.search.teachers import plan_teachers
 from tuning.search.tracking import check_reachable, default_tracking_uri
 
-SMOKE = {"dataset": "digits", "depth": 18, "width": 8, "batch_size": 64}
-SMOKE_SETTINGS = {"epochs": 4, "teacher_epochs": 4, "num_samples": 4, "max_concurrent": 2}
+# The smoke search: digits and thin networks, but still two cells (depth 18 and 34).
+SMOKE = {"dataset": "digits", "width": 8, "batch_size": 64}
+SMOKE_SETTINGS = {"epochs": 4, "teacher_epochs": 4, "num_samples": 3, "max_concurrent": 2}
 SETTINGS_FILE = "search.yaml"
+# Settings a resumed search keeps from its search.yaml; giving another value is refused.
+KEPT_ON_RESUME = ("num_samples", "max_concurrent", "epochs", "teacher_epochs", "seed",
+                  "scheduler", "objective", "gpus_per_trial", "cpus_per_trial")
+DEFAULTS = {"num_samples": 20, "scheduler": "asha", "objective": "acc", "cpus_per_trial": 1.0,
+            "storage_path": "ray_results", "data_root": "datasets", "teacher_store": "teachers"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,36 +36,52 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="tuning.search", description=__doc__)
+    p = Parser(prog="tuning.search", description=__doc__,
+               epilog="A search runs across cells (a space's `across` dimensions, e.g. data set "
+                      "x depth x method); each cell is its own Optuna study with its own budget, "
+                      "early stopping, chosen trial and test accuracy.")
     p.add_argument("--space", default=None,
                    help="a bundled space (alignkd, jointrd, compare, paper) or a YAML file")
     p.add_argument("--name", help="the search's name (default: <space>-<date>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the search named --name")
     p.add_argument("--smoke", action="store_true",
-                   help="digits, thin networks, 4 epochs, 4 trials: the whole search in minutes")
-    p.add_argument("--num-samples", type=int, help="trials (default 20; a grid's size)")
+                   help="digits, thin networks, 4 epochs, 3 trials per cell: minutes in all")
+    p.add_argument("--num-samples", type=int,
+                   help="trials PER CELL (default 20; a grid space runs its grid in each cell, "
+                        "a space of fixed settings one trial per cell)")
     p.add_argument("--max-concurrent", type=int, default=None,
-                   help="trials at once (default: as many as resources allow)")
+                   help="trials at once, over all cells (default: as many as resources allow)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the space's, or 200)")
     p.add_argument("--teacher-epochs", type=int, help="epochs per teacher (default: --epochs)")
     p.add_argument("--gpus-per-trial", type=float, default=None,
                    help="GPUs per trial, fractions allowed (default 1 if CUDA, else 0)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--storage-path", default="ray_results",
-                   help="where Tune keeps the search: a local dir, shared fs or URI (s3://...)")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="default 1")
+    p.add_argument("--storage-path", default=None,
+                   help="where Tune keeps the search: a local dir, shared fs or URI (s3://...); "
+                        "default ./ray_results")
     p.add_argument("--address", help="join an existing Ray cluster (host:port or auto)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
-    p.add_argument("--objective", choices=("acc", "acc-time"), default="acc",
-                   help="acc-time: the Pareto front of val accuracy against training time")
-    p.add_argument("--data-root", default="datasets", help="where data sets are (or go)")
-    p.add_argument("--teacher-store", default="teachers",
-                   help="cache of trained teachers, keyed by recipe (shared fs on a cluster)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="every trial's seed, like --set seed=N (default: the space's, or 0); "
+                        "it also seeds the samplers")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default=None,
+                   help="asha (default): successive halving within each cell, first rung at "
+                        "the lr peak; fifo: no early stopping")
+    p.add_argument("--objective", choices=("acc", "acc-time"), default=None,
+                   help="acc (default): the last epoch's val accuracy; acc-time: the Pareto "
+                        "front of val accuracy against training time, per cell")
+    p.add_argument("--data-root", default=None, help="where data sets are (default ./datasets)")
+    p.add_argument("--teacher-store", default=None,
+                   help="cache of trained teachers, keyed by recipe (shared fs on a cluster); "
+                        "default ./teachers")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                         "sqlite:///mlflow.db here, artifacts in ./mlartifacts)")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="the Optuna storage holding one study per cell (default: "
+                        "sqlite:///optuna.db beside the MLflow SQLite store, else here)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="fix a run-config value for every trial (removes it from the search)")
+                   help="fix a run-config value for every trial; it leaves the search, and an "
+                        "across-dimension leaves the cells (e.g. --set dataset=cifar10)")
     return p
 
 
@@ -69,7 +93,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {pair!r} must look like KEY=VALUE, "
                               "e.g. --set dataset=cifar10")
         out[key.strip()] = yaml.safe_load(value)
-    RunConfig.from_dict({k: v for k, v in out.items()}, source="--set")  # validate keys/values
+    span = out.pop("eta_span", None)
+    RunConfig.from_dict(out, source="--set")  # validate keys and values
+    if span is not None:
+        if isinstance(span, bool) or not isinstance(span, (int, float)) or not 0 <= span <= 1:
+            raise ConfigError(f"--set eta_span must be a fraction in [0, 1]; got {span!r}")
+        if "eta_epochs" in out:
+            raise ConfigError("--set eta_span and --set eta_epochs say the same thing; keep one")
+        out["eta_span"] = span
     return out
 
 
@@ -94,31 +125,52 @@ def local_search_dir(storage: str, name: str) -> Path:
     return Path(storage) / name if "://" not in storage else Path("searches").resolve() / name
 
 
+def default_optuna_storage(tracking_uri: str) -> str:
+    """Beside the MLflow SQLite store; with a tracking server, in the working folder."""
+    if tracking_uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+    return f"sqlite:///{Path('optuna.db').resolve()}"
+
+
+def check_optuna_storage(url: str) -> None:
+    """One line when the study storage cannot be opened; a SQLite file is not created here."""
+    if url.startswith("sqlite:///"):
+        folder = Path(url.removeprefix("sqlite:///")).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UserError(f"--optuna-storage {url} cannot be created: {folder} is not a "
+                            "writable folder; fix the path or pass another URL")
+        return
+    try:
+        import sqlalchemy
+
+        sqlalchemy.create_engine(url).connect().close()
+    except Exception as err:  # noqa: BLE001 - any failure here means "unusable storage"
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise UserError(f"--optuna-storage {url} cannot be opened ({reason}); pass a "
+                        "database URL such as sqlite:///optuna.db") from None
+
+
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the search runs with; saved beside it so --resume runs the same search."""
     space_arg = args.space or "alignkd"
     space = load_space(space_arg)
     overrides = parse_overrides(args.set)
-    settings = {k: getattr(args, k) for k in ("num_samples", "max_concurrent", "epochs",
-                                               "teacher_epochs", "seed", "scheduler", "objective",
-                                               "gpus_per_trial", "cpus_per_trial")}
+    settings = {k: getattr(args, k) for k in KEPT_ON_RESUME}
     if args.smoke:
         overrides = {**SMOKE, **overrides}
-        if space.grid and settings["num_samples"] is None:
-            settings["num_samples"] = space.grid_size
         settings.update({k: v for k, v in SMOKE_SETTINGS.items() if settings[k] is None})
-    overrides["data_root"] = str(Path(args.data_root).resolve())
-    overrides["seed"] = args.seed
+    for key in ("num_samples", "scheduler", "objective", "cpus_per_trial"):
+        settings[key] = DEFAULTS[key] if settings[key] is None else settings[key]
+    overrides["data_root"] = str(Path(args.data_root or DEFAULTS["data_root"]).resolve())
+    if settings["seed"] is not None:
+        overrides["seed"] = settings["seed"]  # like --set seed=N
     if settings["epochs"] is not None:
         overrides["epochs"] = settings["epochs"]
-    epochs = overrides.get("epochs", space.fixed.get("epochs", RunConfig.epochs))
+    fixed = space.with_fixed(overrides).fixed
+    settings["seed"] = fixed.get("seed", RunConfig.seed)
+    epochs = fixed.get("epochs", RunConfig.epochs)
     settings["epochs"] = epochs
     settings["teacher_epochs"] = settings["teacher_epochs"] or epochs
-    if space.grid:
-        # Each grid point once: more samples would make the grid sampler repeat points.
-        settings["num_samples"] = min(settings["num_samples"] or space.grid_size, space.grid_size)
-    if settings["num_samples"] is None:
-        settings["num_samples"] = 20
     if settings["num_samples"] < 1:
         raise UserError(f"--num-samples must be at least 1; got {settings['num_samples']}")
     settings["max_concurrent"] = settings["max_concurrent"] or 0  # 0: no limit
@@ -129,37 +181,45 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
         settings["gpus_per_trial"] = 1.0 if torch.cuda.is_available() else 0.0
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sampler = "grid" if space.grid else ("nsga2" if settings["objective"] == "acc-time" else "tpe")
+    tracking_uri = default_tracking_uri(args.tracking_uri)
+    sampler = {"grid": "grid", "fixed": "none"}.get(space.kind, "tpe")
+    if sampler == "tpe" and settings["objective"] == "acc-time":
+        sampler = "multi-objective tpe"
+    cells = space.with_fixed(overrides).cells()
     return {"name": name, "space_name": space.name, "space_source": space.source,
-            "sampler": sampler, "tracking_uri": default_tracking_uri(args.tracking_uri),
+            "sampler": sampler, "tracking_uri": tracking_uri,
+            "optuna_storage": args.optuna_storage or default_optuna_storage(tracking_uri),
             "space_text": space.text, "space_digest": space.digest, "overrides": overrides,
-            "teacher_store": str(Path(args.teacher_store).resolve()),
-            "storage_path": storage_uri(args.storage_path), **settings}
+            "cells": [c.key for c in cells],
+            "trials_per_cell": space.cell_budget(settings["num_samples"]),
+            "teacher_store": str(Path(args.teacher_store or DEFAULTS["teacher_store"]).resolve()),
+            "storage_path": storage_uri(args.storage_path or DEFAULTS["storage_path"]),
+            **settings}
 
 
 def settings_space(settings: dict[str, Any]) -> Space:
     space = parse_space(settings["space_text"], source=settings["space_source"],
                         name=settings["space_name"])
-    return space.without(set(settings["overrides"]))
+    return space.with_fixed(settings["overrides"])
 
 
-def check_data(space: Space, overrides: dict[str, Any]) -> None:
+def check_data(space: Space) -> None:
     """Every data set the space can ask for must be loadable before any trial starts."""
-    datasets = space.values_of("dataset", overrides) or (RunConfig.dataset,)
-    for name in datasets:
-        kw = {"path": overrides["data_path"]} if overrides.get("data_path") else {}
-        load_arrays(name, overrides["data_root"], download=overrides.get("download", False), **kw)
+    for name in space.values_of("dataset") or (RunConfig.dataset,):
+        values = {k: v for k, v in space.fixed.items() if k in RUN_KEYS}
+        cfg = RunConfig.from_dict({**values, "dataset": name}, source="the search's settings")
+        load_arrays(name, cfg.data_root, download=cfg.download, **cfg.data_options())
 
 
-def check_teacher(space: Space, overrides: dict[str, Any]) -> None:
+def check_teacher(space: Space) -> None:
     """A teacher fixed for every trial must fit every data set the space can ask for."""
-    path = overrides.get("teacher") or space.fixed.get("teacher")
+    path = space.fixed.get("teacher")
     if not path:
         return
     from tuning.trainer import load_model
 
     _, meta = load_model(path)
-    for name in space.values_of("dataset", overrides) or (RunConfig.dataset,):
+    for name in space.values_of("dataset") or (RunConfig.dataset,):
         if meta.get("dataset") != name:
             raise UserError(f"teacher {path} was trained on {meta.get('dataset')} "
                             f"({meta['num_classes']} classes) but the search runs {name}; "
@@ -169,10 +229,12 @@ def check_teacher(space: Space, overrides: dict[str, Any]) -> None:
 def load_resume_settings(args: argparse.Namespace) -> dict[str, Any]:
     if not args.name:
         raise UserError("--resume needs --name: the search to continue (see ray_results/)")
-    folder = local_search_dir(storage_uri(args.storage_path), args.name)
+    folder = local_search_dir(storage_uri(args.storage_path or DEFAULTS["storage_path"]),
+                              args.name)
     path = folder / SETTINGS_FILE
     if not path.is_file():
-        raise UserError(f"no search named {args.name!r} under {args.storage_path}; check --name "
+        raise UserError(f"no search named {args.name!r} under "
+                        f"{args.storage_path or DEFAULTS['storage_path']}; check --name "
                         "and --storage-path, or start it without --resume")
     settings = yaml.safe_load(path.read_text())
     if args.tracking_uri:
@@ -183,6 +245,27 @@ def load_resume_settings(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"search {args.name!r} was started with space "
                             f"{settings['space_name']} ({settings['space_source']}), not "
                             f"{args.space}; resume without --space, or start a new search")
+    if args.set:
+        changed = {**settings["overrides"], **parse_overrides(args.set)}
+        space = parse_space(settings["space_text"], source=settings["space_source"],
+                            name=settings["space_name"]).with_fixed(changed)
+        cells = [c.key for c in space.cells()]
+        if cells != settings["cells"]:
+            raise UserError(f"search {args.name!r} runs the cells {', '.join(settings['cells'])}"
+                            f"; with {' '.join('--set ' + s for s in args.set)} it would run "
+                            f"{', '.join(cells)}. Resume without --set, or start a new search")
+        if changed != settings["overrides"]:
+            raise UserError(f"a resumed search keeps its settings ({SETTINGS_FILE}); drop "
+                            f"--set, or start a new search with them")
+    for key in KEPT_ON_RESUME:
+        given = getattr(args, key)
+        if given is not None and given != settings.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"a resumed search keeps its settings ({SETTINGS_FILE}: {key} "
+                            f"{settings.get(key)}); drop {flag} {given}, or start a new search")
+    if args.optuna_storage and args.optuna_storage != settings["optuna_storage"]:
+        raise UserError(f"search {args.name!r} keeps its studies in "
+                        f"{settings['optuna_storage']}; drop --optuna-storage")
     return settings
 
 
@@ -197,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"a search named {settings['name']!r} already exists in "
                             f"{settings['storage_path']}; pass --resume to continue it, or "
                             "a new --name")
-        check_data(space, settings["overrides"])
-        check_teacher(space, settings["overrides"])
+        check_data(space)
+        check_teacher(space)
+        plan_teachers(space, settings["teacher_epochs"])  # a range it cannot plan: one line
         check_reachable(settings["tracking_uri"])
+        check_optuna_storage(settings["optuna_storage"])
         storage = settings["storage_path"]
         if "://" not in storage:
             probe = Path(storage)
@@ -221,8 +306,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_settings(folder: Path, settings: dict[str, Any]) -> None:
     atomic_write_text(folder / SETTINGS_FILE, yaml.safe_dump(settings, sort_keys=False))
-
-
 
 
 if __name__ == "__main__":

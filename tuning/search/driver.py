@@ -1,4 +1,4 @@
-"""The search driver: teachers as Ray tasks, then trials under a Tune Tuner with OptunaSearch."""
+"""The search driver: teachers as Ray tasks, then every cell's trials in one Tune experiment."""
 
 from __future__ import annotations
 
@@ -9,21 +9,30 @@ from typing import Any
 
 import optuna
 import ray
+from optuna.trial import TrialState
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from tuning import report
 from tuning.checkpoint import atomic_write_text
+from tuning.config import RunConfig
+from tuning.search import results as res
 from tuning.search import tracking
+from tuning.search.cells import Cell
 from tuning.search.results import error_reason
-from tuning.search.space import Space, SpaceSampler
+from tuning.search.space import Space
+from tuning.search.studies import (
+    CellScheduler,
+    CellSearcher,
+    StudyBook,
+    mark_lost,
+    rung_epochs,
+    tell,
+)
 from tuning.search.teachers import plan_teachers, teacher_path, train_teacher
 from tuning.search.trainable import KEEP_CHECKPOINTS, SearchContext, run_trial
 
-METRIC = "val_acc"
 SETTINGS_NAME = "search.yaml"
+REDUCTION_FACTOR = 2  # successive halving keeps the top half of a cell at each rung
 
 
 def ensure_ray(address: str | None) -> bool:
@@ -80,7 +89,7 @@ def close_unrecorded_runs(tracker: tracking.Tracker, rows: list[dict[str, Any]])
 def train_teachers(space: Space, settings: dict[str, Any]) -> list[Path]:
     """Train every missing teacher the space can ask for, as parallel Ray tasks."""
     store = Path(settings["teacher_store"])
-    recipes = plan_teachers(space, settings["overrides"], settings["teacher_epochs"])
+    recipes = plan_teachers(space, settings["teacher_epochs"])
     missing = [r for r in recipes if not teacher_path(store, r).is_file()]
     print(f"teachers: {len(recipes)} needed, {len(recipes) - len(missing)} in the store "
           f"{store}", flush=True)
@@ -97,33 +106,17 @@ def train_teachers(space: Space, settings: dict[str, Any]) -> list[Path]:
     return paths
 
 
-def make_searcher(space: Space, settings: dict[str, Any]):
-    sampler_fn = SpaceSampler(space)
-    seed = settings["seed"]
-    if space.grid:
-        sampler = optuna.samplers.GridSampler(sampler_fn.grid_space(), seed=seed)
-    elif settings["objective"] == "acc-time":
-        sampler = optuna.samplers.NSGAIISampler(seed=seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed)
-    if settings["objective"] == "acc-time":
-        searcher = OptunaSearch(space=sampler_fn, metric=["best_val_acc", "train_time"],
-                                mode=["max", "min"], sampler=sampler)
-    else:
-        searcher = OptunaSearch(space=sampler_fn, metric=METRIC, mode="max", sampler=sampler)
-    if settings["max_concurrent"]:
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=settings["max_concurrent"])
-    return searcher
+def scheduler_rungs(space: Space, settings: dict[str, Any]) -> tuple[int, ...]:
+    """The epochs at which a cell's trials are compared; none under FIFO.
 
-
-def make_scheduler(settings: dict[str, Any]):
-    if settings["scheduler"] == "fifo" or settings["objective"] == "acc-time":
-        return FIFOScheduler()
-    epochs = settings["epochs"]
-    # The trial's own epoch, not Tune's count of reports: after a trial falls back to an older
-    # checkpoint (or starts afresh) the two differ, and ASHA would stop it short of max_t.
-    return ASHAScheduler(time_attr="epoch", max_t=epochs,
-                         grace_period=max(1, epochs // 4), reduction_factor=2)
+    Grid and fixed spaces run FIFO: their points are settings to measure, not candidates.
+    """
+    if settings["scheduler"] == "fifo" or settings["objective"] == "acc-time" or \
+            space.kind != "sampled":
+        return ()
+    peak = max(space.values_of("pct_start") or
+               [p.high for p in space.params if p.name == "pct_start"] or [RunConfig.pct_start])
+    return rung_epochs(settings["epochs"], peak, REDUCTION_FACTOR)
 
 
 def make_trainable(context: SearchContext, settings: dict[str, Any]):
@@ -131,20 +124,55 @@ def make_trainable(context: SearchContext, settings: dict[str, Any]):
     return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
 
 
+def settle_studies(book: StudyBook, cells: list[Cell], rows: list[dict[str, Any]],
+                   epochs: int) -> None:
+    """Make each study agree with Tune: every trial Tune ran has the state Tune gave it, and
+    every study trial Tune never recorded is marked lost. Normally a no-op; after a killed
+    driver it catches what the searcher was told before the kill but Tune was not."""
+    mark_lost(book, cells, known={r["trial_id"] for r in rows})
+    for row in rows:
+        if row["study_trial"] == "":
+            continue
+        cell = next(c for c in cells if c.key == row["cell"])
+        frozen = book.trial(cell, row["study_trial"])
+        if frozen.state.is_finished():
+            continue
+        if row["status"] == "STOPPED_EARLY":
+            book.study(cell).tell(row["study_trial"], state=TrialState.PRUNED)
+        else:
+            metrics = dict(row["_result"].metrics or {})
+            tell(book, cell, row["study_trial"], metrics, error=row["status"] == "ERROR",
+                 epochs=epochs)
+
+
+def measure_tests(chosen: dict[str, dict[str, Any]], settings: dict[str, Any]) -> None:
+    """Each cell's chosen trial on the test split, once, as parallel Ray tasks."""
+    task = ray.remote(num_cpus=settings["cpus_per_trial"],
+                      num_gpus=settings["gpus_per_trial"])(res.stored_test_accuracy)
+    refs = {cell: task.remote(row["_config"], row["_result"].checkpoint, int(row["epochs"]))
+            for cell, row in chosen.items() if row["_result"].checkpoint is not None}
+    for cell, ref in refs.items():
+        chosen[cell]["test_acc"] = ray.get(ref)
+
+
 def run_search(settings: dict[str, Any], space: Space, *, address: str | None, resume: bool,
                folder: Path) -> int:
-    from tuning.search import results as res
     from tuning.search.cli import write_settings
 
     # Tune saves its view of the search (trials, their last checkpoints, the searcher) every
     # 10 s or more by default; a trial it has not saved yet is one that a resume after a killed
     # driver cannot continue. Every 2 s keeps that window shorter than a trial's start-up.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     commit = tracking.git_commit()
     tracker = tracking.start_parent(settings["tracking_uri"], settings, commit)
     if not resume:
         settings["parent_run_id"] = tracker.parent_run_id
         write_settings(folder, settings)
+    cells = space.cells()
+    book = StudyBook(settings["optuna_storage"], settings["name"], space, seed=settings["seed"],
+                     multi_objective=settings["objective"] == "acc-time",
+                     budget=settings["num_samples"])
     started = ensure_ray(address)
     status = "KILLED"
     try:
@@ -152,23 +180,31 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
         teacher_runs = {str(p): tracking.teacher_run(tracker.uri, p.parent, commit)
                         for p in teachers}
         experiment = f"{settings['storage_path'].rstrip('/')}/{settings['name']}"
-        context = SearchContext(space=space, overrides=settings["overrides"],
-                                teacher_store=settings["teacher_store"],
+        context = SearchContext(space=space, teacher_store=settings["teacher_store"],
                                 teacher_epochs=settings["teacher_epochs"],
                                 search_name=settings["name"], tracker=tracker,
                                 teacher_runs=teacher_runs, experiment_path=experiment)
         trainable = make_trainable(context, settings)
+        rungs = scheduler_rungs(space, settings)
+        budget = space.cell_budget(settings["num_samples"])
+        print(f"cells: {len(cells)}, {budget} trials each ({', '.join(c.label for c in cells)})"
+              f"; early stopping: " + (f"at epochs {', '.join(map(str, rungs))}, within each "
+                                       "cell" if rungs else "none (FIFO)") +
+              f"; studies in {settings['optuna_storage']}", flush=True)
         if resume and tune.Tuner.can_restore(experiment):
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
-            multi = settings["objective"] == "acc-time"
+            # A new Tune experiment: studies left by a driver killed before Tune saved anything
+            # would hold trials Tune will never know of, so they start afresh with it.
+            book.delete_all(cells)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=make_searcher(space, settings),
-                    scheduler=make_scheduler(settings), num_samples=settings["num_samples"],
-                    metric=None if multi else METRIC, mode=None if multi else "max",
+                    search_alg=CellSearcher(book, cells, epochs=settings["epochs"],
+                                            max_concurrent=settings["max_concurrent"]),
+                    scheduler=CellScheduler(book, rungs, REDUCTION_FACTOR),
+                    num_samples=-1,  # the searcher ends the search when every cell is full
                     # A new trial reuses a finished trial's worker process: importing torch,
                     # Ray and MLflow and opening the store are paid once per worker (~3 s on
                     # the CPU), not once per trial. Tune moves it into the new trial's folder.
@@ -181,41 +217,47 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
             )
         grid = tuner.fit()
         rows = res.trial_rows(grid, context)
+        settle_studies(book, cells, rows, settings["epochs"])
         res.mark_pareto(rows)
-        best = res.best_row(rows)
-        if best is not None:
-            if best["_result"].checkpoint is not None:
-                with best["_result"].checkpoint.as_directory() as ckpt_dir:
-                    best["test_acc"] = res.test_accuracy(best["_config"], Path(ckpt_dir),
-                                                         epoch=int(best["epochs"]))
-            atomic_write_text(folder / "best_config.yaml", best["_config"].to_yaml())
+        chosen = res.choose(rows)
+        measure_tests(chosen, settings)
+        configs = {}
+        for cell_key, row in chosen.items():
+            cell = next(c for c in cells if c.key == cell_key)
+            path = folder / "best" / f"{cell.slug}.yaml"
+            atomic_write_text(path, row["_config"].to_yaml())
+            configs[cell_key] = str(path)
+            book.study(cell).set_user_attr("chosen", {
+                "study_trial": row["study_trial"], "ray_trial_id": row["trial_id"],
+                "val_acc": row["val_acc"], "test_acc": row["test_acc"]})
         tracking.settle_trial_runs(tracker, rows)
         close_unrecorded_runs(tracker, rows)
         res.write_csv(rows, folder / "results.csv")
+        cell_table = res.cell_rows(rows, [c.key for c in cells], configs)
+        res.write_csv(cell_table, folder / "cells.csv", res.CELL_COLUMNS)
         print(res.table_text(rows))
+        print("\nper cell (val_acc: the chosen trial's last epoch; test_acc: the same weights)")
+        print(res.table_text(cell_table, res.CELL_COLUMNS[:-1]))
         try:
             report_text, _ = report.build(tracker.uri, settings["name"], folder / "plots")
             print(report_text)
         except Exception as err:  # noqa: BLE001 - plots are a convenience; never lose a search
             print(f"warning: the comparison plots failed ({err}); the results are intact")
         status = "FINISHED"
-        tracking.finish_parent(tracker, [folder / "results.csv", folder / "best_config.yaml",
-                                         folder / SETTINGS_NAME], best)
-        if best is None:
-            print(f"no trial finished; see {folder / 'results.csv'} for the errors")
+        tracking.finish_parent(tracker, [folder / "results.csv", folder / "cells.csv",
+                                         folder / SETTINGS_NAME, *map(Path, configs.values())],
+                               chosen)
+        empty = [c.label for c in cells if c.key not in chosen]
+        print(f"\ntables: {folder / 'results.csv'} (every trial), {folder / 'cells.csv'} "
+              f"(per cell)\nchosen configs: {folder / 'best'}/ (run one again with "
+              "`python -m tuning.train --config FILE`)")
+        if empty:
+            print(f"no trial completed in cell(s) {', '.join(empty)}; see "
+                  f"{folder / 'results.csv'} for the errors")
             return 1
-        print(f"\nbest trial {best['trial_id']}: val_acc {best['val_acc']:.4f}, "
-              f"test_acc {best['test_acc']:.4f} ({best['method']}, {best['dataset']}, "
-              f"depth {best['depth']})")
-        best_yaml = folder / "best_config.yaml"
-        print(f"table: {folder / 'results.csv'}\nbest config: {best_yaml} "
-              f"(run it again with `python -m tuning.train --config {best_yaml}`)")
         return 0
     finally:
         if status != "FINISHED":
             tracking.client(tracker.uri).set_terminated(tracker.parent_run_id, status=status)
         if started:
             ray.shutdown()
-
-
-

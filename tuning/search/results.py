@@ -1,4 +1,4 @@
-"""The end of a search: the table of every trial, the best trial's test accuracy and config."""
+"""The end of a search: every trial's row, each cell's chosen trial and its test accuracy."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from tuning.checkpoint import atomic_write_text, load_checkpoint
 from tuning.config import RunConfig
 from tuning.trainer import CHECKPOINT_NAME, evaluate, resolve_device
 
-FIRST_COLUMNS = ["trial_id", "status", "method", "dataset", "depth", "val_acc", "test_acc",
-                 "train_time", "epochs", "pareto"]
+FIRST_COLUMNS = ["cell", "trial_id", "study_trial", "status", "chosen", "method", "dataset",
+                 "depth", "val_acc", "test_acc", "train_time", "epochs", "pareto"]
+CELL_COLUMNS = ["cell", "trials", "completed", "stopped_early", "failed", "chosen_trial",
+                "study_trial", "val_acc", "test_acc", "train_time", "epochs", "config"]
+META = ("cell", "study_trial", "method", "dataset", "depth")
 
 
 def error_reason(error: Any) -> str:
@@ -35,7 +38,11 @@ def trial_status(error: Any, epochs_done: int, epochs: int) -> str:
 
 
 def trial_rows(results, context) -> list[dict[str, Any]]:
-    """One row per trial of a Ray ResultGrid, with the trial's sampled parameters."""
+    """One row per trial of a Ray ResultGrid, with its cell and sampled parameters.
+
+    `val_acc` is the last reported epoch's validation accuracy: for a trial that completed,
+    the figure it is selected on, measured on the weights its test accuracy is measured on.
+    """
     rows = []
     for result in results:
         sample = dict(result.config or {})
@@ -43,37 +50,87 @@ def trial_rows(results, context) -> list[dict[str, Any]]:
         metrics = result.metrics or {}
         epochs_done = int(metrics.get("epoch", 0))
         rows.append({
+            "cell": sample.get("cell", ""), "study_trial": sample.get("study_trial", ""),
             "trial_id": metrics.get("trial_id", Path(result.path).name if result.path else ""),
-            "status": trial_status(result.error, epochs_done, cfg.epochs),
+            "status": trial_status(result.error, epochs_done, cfg.epochs), "chosen": False,
             "method": cfg.method, "dataset": cfg.dataset, "depth": cfg.depth,
-            "val_acc": metrics.get("best_val_acc", math.nan),
-            "test_acc": math.nan,
+            "val_acc": metrics.get("val_acc", math.nan), "test_acc": math.nan,
             "train_time": metrics.get("train_time", math.nan),
             "epochs": epochs_done, "node_id": metrics.get("node_id", ""),
-            **{k: v for k, v in sample.items() if k not in ("method", "dataset", "depth")},
+            **{k: v for k, v in sample.items() if k not in META},
             "error": error_reason(result.error) if result.error else "",
             "_result": result, "_config": cfg,
         })
-    return rows
+    return sorted(rows, key=lambda r: (str(r["cell"]), _number(r["study_trial"])))
+
+
+def _number(value: Any) -> int:
+    return value if isinstance(value, int) else -1
+
+
+def completed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trials that ran every epoch: the only ones whose accuracy is a final one."""
+    return [r for r in rows if r["status"] == "TERMINATED" and math.isfinite(r["val_acc"])]
 
 
 def mark_pareto(rows: list[dict[str, Any]]) -> None:
-    """Flag the trials no other trial beats on both val accuracy and training time."""
-    ok = [r for r in rows if r["status"] != "ERROR" and not math.isnan(r["val_acc"])]
+    """Flag, within each cell, the completed trials no other beats on both val accuracy and
+    training time. A trial stopped early is never on the front: its short time is the
+    scheduler's doing, not its speed."""
     for r in rows:
-        r["pareto"] = r in ok and not any(
-            o["val_acc"] >= r["val_acc"] and o["train_time"] <= r["train_time"]
-            and (o["val_acc"] > r["val_acc"] or o["train_time"] < r["train_time"]) for o in ok)
+        r["pareto"] = False
+    for cell_rows in by_cell(completed(rows)).values():
+        for r in cell_rows:
+            r["pareto"] = not any(
+                o["val_acc"] >= r["val_acc"] and o["train_time"] <= r["train_time"]
+                and (o["val_acc"] > r["val_acc"] or o["train_time"] < r["train_time"])
+                for o in cell_rows)
 
 
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The selection: highest validation accuracy among trials that did not fail."""
-    ok = [r for r in rows if r["status"] != "ERROR" and not math.isnan(r["val_acc"])]
-    return max(ok, key=lambda r: r["val_acc"]) if ok else None
+def by_cell(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["cell"], []).append(r)
+    return out
+
+
+def choose(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each cell's chosen trial: the completed trial with the highest last-epoch validation
+    accuracy (ties: the faster, then the earlier). Marks it `chosen`."""
+    chosen = {}
+    for cell, cell_rows in by_cell(completed(rows)).items():
+        best = max(cell_rows, key=lambda r: (r["val_acc"], -r["train_time"],
+                                             -_number(r["study_trial"])))
+        best["chosen"] = True
+        chosen[cell] = best
+    return chosen
+
+
+def cell_rows(rows: list[dict[str, Any]], cells: list[str],
+              configs: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per cell: its trials by outcome, and its chosen trial's figures."""
+    out = []
+    grouped = by_cell(rows)
+    for cell in cells:
+        mine = grouped.get(cell, [])
+        best = next((r for r in mine if r["chosen"]), None)
+        out.append({
+            "cell": cell, "trials": len(mine),
+            "completed": sum(r["status"] == "TERMINATED" for r in mine),
+            "stopped_early": sum(r["status"] == "STOPPED_EARLY" for r in mine),
+            "failed": sum(r["status"] == "ERROR" for r in mine),
+            "chosen_trial": best["trial_id"] if best else "",
+            "study_trial": best["study_trial"] if best else "",
+            "val_acc": best["val_acc"] if best else math.nan,
+            "test_acc": best["test_acc"] if best else math.nan,
+            "train_time": best["train_time"] if best else math.nan,
+            "epochs": best["epochs"] if best else "", "config": configs.get(cell, ""),
+        })
+    return out
 
 
 def test_accuracy(cfg: RunConfig, checkpoint_dir: Path, epoch: int | None = None) -> float:
-    """Evaluate a trial's last checkpoint on the test split: once, for the chosen trial only.
+    """Evaluate a trial's last checkpoint on the test split: once per cell, for its chosen trial.
 
     NaN, with a note, when that checkpoint is not of the trial's last reported `epoch` (a
     trial stopped early between checkpoints): its test accuracy would be another model's.
@@ -81,12 +138,12 @@ def test_accuracy(cfg: RunConfig, checkpoint_dir: Path, epoch: int | None = None
     device = resolve_device(cfg.device)
     state = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME)
     if epoch is not None and state["epoch"] != epoch:
-        print(f"no test accuracy: the best trial stopped at epoch {epoch}, and its last "
+        print(f"no test accuracy: the trial stopped at epoch {epoch}, and its last "
               f"checkpoint is of epoch {state['epoch']}")
         return math.nan
     data = build_data(cfg.dataset, cfg.data_root, batch_size=cfg.batch_size,
                       val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, device=device,
-                      **({"path": cfg.data_path} if cfg.data_path else {}))
+                      **cfg.data_options())
     net = resnet(cfg.depth, shortcut=cfg.shortcut, stem=data.stem, num_classes=data.num_classes,
                  width=cfg.width, dirac=cfg.dirac).to(device)
     net.load_state_dict(state["model"])
@@ -95,9 +152,15 @@ def test_accuracy(cfg: RunConfig, checkpoint_dir: Path, epoch: int | None = None
     return evaluate(net, data.test, device)
 
 
-def table_text(rows: list[dict[str, Any]]) -> str:
+def stored_test_accuracy(cfg: RunConfig, checkpoint, epoch: int) -> float:
+    """test_accuracy of a checkpoint in Tune's storage (a Ray task: it runs where it fits)."""
+    with checkpoint.as_directory() as folder:
+        return test_accuracy(cfg, Path(folder), epoch=epoch)
+
+
+def table_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     """A fixed-width table for the terminal."""
-    columns = [c for c in table_columns(rows) if c != "error"]
+    columns = columns or [c for c in table_columns(rows) if c != "error"]
     cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
               for i, c in enumerate(columns)]
@@ -112,8 +175,8 @@ def table_columns(rows: list[dict[str, Any]]) -> list[str]:
     return FIRST_COLUMNS + extra + ["error"]
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    columns = table_columns(rows)
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None = None) -> None:
+    columns = columns or table_columns(rows)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -125,4 +188,4 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.4g}"
     text = str(value)
-    return text[:8] if len(text) > 24 else text  # run and node ids: the CSV has them whole
+    return text[:8] if len(text) > 24 and "=" not in text else text  # ids: the CSV has them

@@ -1,21 +1,23 @@
 """Search spaces as data: YAML files validated on load, sampled define-by-run by Optuna.
 
-A space file has these top-level keys (all optional but `params` or `grid`):
+A space file has these top-level keys:
 
     description: one line
     fixed:  {key: value}           RunConfig values every trial gets
-    params: {key: spec}            what the sampler searches, in this order
-    grid:   {key: [values...]}     an exhaustive grid (Optuna's GridSampler) instead
+    across: {key: [values...]}     the dimensions the search runs across: each combination
+                                   is a cell, a study of its own (data set x depth x method)
+    params: {key: spec}            what each cell's sampler searches, in this order
+    grid:   {key: [values...]}     or: an exhaustive grid each cell runs (GridSampler)
 
 A spec is {type: float|int, low, high, log: bool} or {type: choice, values: [...]}, with an
-optional `when: {param: value or [values]}` that makes it conditional on an earlier choice.
-Keys are RunConfig fields, plus `eta_span`: the fraction of the epochs the eta schedule spans.
+optional `when: {param: value or [values]}` that makes it conditional on an earlier choice or
+on an across-dimension. Keys are RunConfig fields, plus `eta_span`: the fraction of the epochs
+the eta schedule spans. A space with `across` alone runs its fixed settings once per cell.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,11 +26,18 @@ from typing import Any
 import yaml
 
 from tuning.config import ConfigError, RunConfig
+from tuning.search.cells import Cell, cells_of
 
 SPACES_DIR = Path(__file__).parent / "spaces"
-TOP_KEYS = ("description", "fixed", "params", "grid")
+TOP_KEYS = ("description", "fixed", "across", "params", "grid")
 RUN_KEYS = {f.name for f in fields(RunConfig)} - {"extra"}
 EXTRA_KEYS = {"eta_span"}
+# Two ways to say how long eta decays: fixing one of them (in the file or with --set) removes
+# the other from the space, so that a user's value is never overwritten by a searched one.
+ALIASES = {"eta_epochs": "eta_span", "eta_span": "eta_epochs"}
+# The search's own budget and bookkeeping: set with --epochs, never searched or run across.
+NOT_SEARCHABLE = {"epochs", "device", "data_root", "checkpoint_interval_s"}
+META_KEYS = ("cell", "study_trial")  # what a trial's Tune config carries besides run values
 
 
 class SpaceError(ConfigError):
@@ -66,6 +75,7 @@ class Space:
     fixed: dict[str, Any]
     params: tuple[Param, ...]
     grid: dict[str, tuple]
+    across: dict[str, tuple] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
@@ -75,23 +85,44 @@ class Space:
     def grid_size(self) -> int:
         return math.prod(len(v) for v in self.grid.values()) if self.grid else 0
 
-    def values_of(self, key: str, overrides: dict[str, Any]) -> tuple:
-        """Every value `key` can take in a trial (for teacher planning)."""
-        if key in overrides:
-            return (overrides[key],)
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return tuple(self.across)
+
+    @property
+    def kind(self) -> str:
+        """How a cell is searched: `sampled` (params), `grid`, or `fixed` (one run)."""
+        return "sampled" if self.params else ("grid" if self.grid else "fixed")
+
+    def cells(self) -> list[Cell]:
+        return cells_of(self.across)
+
+    def cell_budget(self, num_samples: int) -> int:
+        """Trials per cell: num_samples when sampled, the grid's size, or one fixed run."""
+        return {"sampled": num_samples, "grid": self.grid_size, "fixed": 1}[self.kind]
+
+    def values_of(self, key: str) -> tuple:
+        """Every value `key` can take in a trial; () for a range or a RunConfig default."""
+        if key in self.fixed:
+            return (self.fixed[key],)
+        if key in self.across:
+            return self.across[key]
         if key in self.grid:
             return self.grid[key]
         for p in self.params:
             if p.name == key:
                 return p.values if p.type == "choice" else ()
-        return (self.fixed[key],) if key in self.fixed else ()
+        return ()
 
-    def without(self, keys: set[str]) -> Space:
-        """This space with `keys` no longer searched (they are fixed from outside)."""
-        return Space(self.name, self.source, self.text, self.description,
-                     {k: v for k, v in self.fixed.items() if k not in keys},
-                     tuple(p for p in self.params if p.name not in keys),
-                     {k: v for k, v in self.grid.items() if k not in keys})
+    def with_fixed(self, overrides: dict[str, Any]) -> Space:
+        """This space with `overrides` fixed (--set): they leave the search and the cells."""
+        drop = set(overrides) | {ALIASES[k] for k in overrides if k in ALIASES}
+        fixed = {k: v for k, v in self.fixed.items() if k not in drop}
+        fixed.update({k: v for k, v in overrides.items() if k in RUN_KEYS | EXTRA_KEYS})
+        return Space(self.name, self.source, self.text, self.description, fixed,
+                     tuple(p for p in self.params if p.name not in drop),
+                     {k: v for k, v in self.grid.items() if k not in drop},
+                     {k: v for k, v in self.across.items() if k not in drop})
 
 
 def available_spaces() -> list[str]:
@@ -128,8 +159,7 @@ def parse_space(text: str, *, source: str, name: str) -> Space:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "syntax"
-        return_err = fail(where, "not valid YAML; fix the file's syntax")
-        raise return_err from None
+        raise fail(where, "not valid YAML; fix the file's syntax") from None
     if not isinstance(doc, dict):
         raise fail("(top level)", f"must be a mapping with keys {', '.join(TOP_KEYS)}")
     for key in doc:
@@ -141,35 +171,66 @@ def parse_space(text: str, *, source: str, name: str) -> Space:
     for key, value in fixed.items():
         _check_key(fail, f"fixed.{key}", key)
         _check_value(fail, f"fixed.{key}", key, value, fixed)
-    params = tuple(_parse_param(fail, key, spec, fixed)
-                   for key, spec in (doc.get("params") or {}).items())
-    grid = {}
-    for key, values in (doc.get("grid") or {}).items():
-        _check_key(fail, f"grid.{key}", key)
-        if not isinstance(values, list) or not values:
-            raise fail(f"grid.{key}", "must be a non-empty list of values")
-        for v in values:
-            _check_value(fail, f"grid.{key}", key, v, fixed)
-        grid[key] = tuple(values)
+    if "eta_span" in fixed and "eta_epochs" in fixed:
+        raise fail("fixed.eta_span", "eta_span and eta_epochs say the same thing; keep one")
+    across = _parse_lists(fail, doc, "across", fixed)
+    params = doc.get("params") or {}
+    if not isinstance(params, dict):
+        raise fail("params", "must be a mapping of keys to specs")
+    params = tuple(_parse_param(fail, key, spec, fixed) for key, spec in params.items())
+    grid = _parse_lists(fail, doc, "grid", fixed)
     if grid and params:
         raise fail("grid", "a space has either params (sampled) or grid (exhaustive), not both")
-    if not grid and not params:
-        raise fail("params", "the space searches nothing; add params or grid")
-    names = [p.name for p in params] + list(grid)
-    for dup in {n for n in names if names.count(n) > 1 or n in fixed}:
+    if not grid and not params and not across:
+        raise fail("params", "the space searches nothing; add params, grid or across")
+    searched = [p.name for p in params] + list(grid)
+    for key in across:
+        if key in searched:
+            raise fail(f"across.{key}", "is both run across and searched; a cell's dimension "
+                                        "is never a hyperparameter, so keep one")
+    names = searched + list(across)
+    for dup in sorted({n for n in names if names.count(n) > 1 or n in fixed}):
         raise fail(dup, "is both fixed and searched, or searched twice; keep one")
+    for n in names:
+        if n in NOT_SEARCHABLE:
+            raise fail(n, f"{n} is a setting of the whole search, not searched; set it with "
+                          f"--{n.replace('_', '-')} or --set {n}=...")
+        if ALIASES.get(n) in names or ALIASES.get(n) in fixed:
+            raise fail(n, f"{n} and {ALIASES[n]} say the same thing; keep one")
     for i, p in enumerate(params):
         for key, allowed in p.when.items():
-            earlier = {q.name: q for q in params[:i]}
-            if key not in earlier or earlier[key].type != "choice":
+            earlier = {q.name: q.values for q in params[:i] if q.type == "choice"}
+            options = {**across, **earlier}
+            if key not in options:
                 raise fail(f"params.{p.name}.when.{key}",
-                           "must name a choice parameter listed before this one")
-            bad = [v for v in allowed if v not in earlier[key].values]
+                           "must name an across-dimension or a choice parameter listed before")
+            bad = [v for v in allowed if v not in options[key]]
             if bad:
                 raise fail(f"params.{p.name}.when.{key}",
-                           f"{bad[0]!r} is not one of {list(earlier[key].values)}")
-    _check_eta_order(fail, fixed, params, grid)
-    return Space(name, source, text, str(doc.get("description", "")), dict(fixed), params, grid)
+                           f"{bad[0]!r} is not one of {list(options[key])}")
+    _check_eta_order(fail, fixed, params, {**grid, **across})
+    return Space(name, source, text, str(doc.get("description", "")), dict(fixed), params,
+                 grid, across)
+
+
+def _parse_lists(fail, doc: dict, section: str, fixed: dict) -> dict[str, tuple]:
+    """`across` or `grid`: each key a RunConfig field with a non-empty list of distinct values."""
+    raw = doc.get(section) or {}
+    if not isinstance(raw, dict):
+        raise fail(section, "must be a mapping of RunConfig keys to lists of values")
+    out = {}
+    for key, values in raw.items():
+        _check_key(fail, f"{section}.{key}", key)
+        if section == "across" and key not in RUN_KEYS:
+            raise fail(f"{section}.{key}", "must be a run-config field")
+        if not isinstance(values, list) or not values:
+            raise fail(f"{section}.{key}", "must be a non-empty list of values")
+        for v in values:
+            _check_value(fail, f"{section}.{key}", key, v, fixed)
+        if len({repr(v) for v in values}) != len(values):
+            raise fail(f"{section}.{key}", "lists a value twice; list each once")
+        out[key] = tuple(values)
+    return out
 
 
 def _check_key(fail, where: str, key: str) -> None:
@@ -180,7 +241,7 @@ def _check_key(fail, where: str, key: str) -> None:
 def _check_value(fail, where: str, key: str, value: Any, fixed: dict) -> None:
     """A value is allowed where RunConfig accepts it (alpha in [0, 1], lam >= 0, ...)."""
     if key == "eta_span":
-        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise fail(where, f"must be a fraction in [0, 1]; got {value!r}")
         return
     base = {k: v for k, v in fixed.items() if k in RUN_KEYS}
@@ -204,17 +265,22 @@ def _parse_param(fail, key: str, spec: Any, fixed: dict) -> Param:
     for extra in set(spec) - allowed[kind]:
         raise fail(f"{where}.{extra}", f"unknown key for a {kind}; allowed: "
                                        f"{', '.join(sorted(allowed[kind]))}")
-    when = {}
-    for k, v in (spec.get("when") or {}).items():
-        when[k] = tuple(v) if isinstance(v, list) else (v,)
+    raw_when = spec.get("when") or {}
+    if not isinstance(raw_when, dict):
+        raise fail(f"{where}.when", "must be a mapping {param: value or [values]}")
+    when = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in raw_when.items()}
     if kind == "choice":
         values = spec.get("values")
         if not isinstance(values, list) or not values:
             raise fail(f"{where}.values", "must be a non-empty list")
         for v in values:
             _check_value(fail, f"{where}.values", key, v, fixed)
+        if len({repr(v) for v in values}) != len(values):
+            raise fail(f"{where}.values", "lists a value twice; list each once")
         return Param(key, kind, values=tuple(values), when=when)
-    low, high, log = spec.get("low"), spec.get("high"), bool(spec.get("log", False))
+    low, high, log = spec.get("low"), spec.get("high"), spec.get("log", False)
+    if not isinstance(log, bool):
+        raise fail(f"{where}.log", f"must be true or false; got {log!r}")
     number = int if kind == "int" else (int, float)
     for bound, value in (("low", low), ("high", high)):
         if not isinstance(value, number) or isinstance(value, bool):
@@ -228,13 +294,13 @@ def _parse_param(fail, key: str, spec: Any, fixed: dict) -> Param:
     return Param(key, kind, low=low, high=high, log=log, when=when)
 
 
-def _check_eta_order(fail, fixed: dict, params: tuple[Param, ...], grid: dict) -> None:
+def _check_eta_order(fail, fixed: dict, params: tuple[Param, ...], lists: dict) -> None:
     """A decaying schedule: eta_end can never be beyond eta_start."""
-    def bounds(key: str) -> tuple[float, float] | None:
+    def bounds(key: str) -> tuple[float, float]:
         if key in fixed:
             return fixed[key], fixed[key]
-        if key in grid:
-            return min(grid[key]), max(grid[key])
+        if key in lists:
+            return min(lists[key]), max(lists[key])
         for p in params:
             if p.name == key:
                 vals = p.candidates()
@@ -249,45 +315,48 @@ def _check_eta_order(fail, fixed: dict, params: tuple[Param, ...], grid: dict) -
 
 
 class SpaceSampler:
-    """The define-by-run function for OptunaSearch: a plain class, so it pickles."""
+    """Samples one trial of a cell, define-by-run: a plain class, so it pickles."""
 
     def __init__(self, space: Space) -> None:
         self.space = space
 
-    def __call__(self, trial) -> None:
-        chosen: dict[str, Any] = dict(self.space.fixed)
-        if self.space.grid:
-            for key, values in self.space.grid.items():
-                chosen[key] = trial.suggest_categorical(key, list(values))
-            return None
+    def sample(self, trial, cell: Cell) -> dict[str, Any]:
+        """The searched values of one trial of `cell`, suggested through the Optuna trial."""
+        chosen: dict[str, Any] = {**self.space.fixed, **cell.as_dict()}
+        out: dict[str, Any] = {}
+        for key, values in self.space.grid.items():
+            out[key] = trial.suggest_categorical(key, list(values))
         for p in self.space.params:
-            if not p.active(chosen):
+            if not p.active({**chosen, **out}):
                 continue
             if p.type == "choice":
-                chosen[p.name] = trial.suggest_categorical(p.name, list(p.values))
+                out[p.name] = trial.suggest_categorical(p.name, list(p.values))
                 continue
-            low, high = p.low, p.high
-            if p.name == "eta_end" and "eta_start" in chosen:
-                high = min(high, chosen["eta_start"])  # the schedule decays
-                low = min(low, high)
+            low, high = _decaying(p, {**chosen, **out})
             suggest = trial.suggest_int if p.type == "int" else trial.suggest_float
-            chosen[p.name] = suggest(p.name, low, high, log=p.log)
-        return None
+            out[p.name] = suggest(p.name, low, high, log=p.log)
+        return out
 
     def grid_space(self) -> dict[str, list]:
         return {k: list(v) for k, v in self.space.grid.items()}
 
 
-def trial_values(space: Space, sample: dict[str, Any], overrides: dict[str, Any]) -> dict:
-    """RunConfig values of one trial: fixed, then the sample, then the user's overrides."""
-    values = {**space.fixed, **sample, **overrides}
+def _decaying(p: Param, chosen: dict[str, Any]) -> tuple[float, float]:
+    """A range narrowed so that eta decays whichever of start and end is fixed or chosen."""
+    low, high = p.low, p.high
+    if p.name == "eta_end" and "eta_start" in chosen:
+        high = min(high, chosen["eta_start"])
+        low = min(low, high)
+    if p.name == "eta_start" and "eta_end" in chosen:
+        low = max(low, chosen["eta_end"])
+        high = max(high, low)
+    return low, high
+
+
+def trial_values(space: Space, sample: dict[str, Any]) -> dict[str, Any]:
+    """RunConfig values of one trial: the space's fixed values (with --set), then the sample."""
+    values = {**space.fixed, **{k: v for k, v in sample.items() if k not in META_KEYS}}
     span = values.pop("eta_span", None)
-    if span is not None:
+    if span is not None and "eta_epochs" not in values:
         values["eta_epochs"] = int(round(span * values.get("epochs", RunConfig.epochs)))
     return values
-
-
-def grid_points(space: Space) -> list[dict[str, Any]]:
-    keys = list(space.grid)
-    return [dict(zip(keys, combo, strict=True))
-            for combo in itertools.product(*(space.grid[k] for k in keys))]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import shutil
 from dataclasses import dataclass
@@ -13,13 +12,14 @@ from typing import Any
 import yaml
 
 from tuning.config import RunConfig
-from tuning.search.space import Space
+from tuning.search.space import Space, SpaceError, trial_values
 from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, train
 
 # Fields of a trial's config that a teacher's recipe inherits; the rest is the recipe's own.
 INHERITED = ("dataset", "data_root", "data_path", "val_fraction", "split_seed", "width",
              "batch_size", "seed", "download", "checkpoint_interval_s")
 VOLATILE = ("device", "extra", "checkpoint_interval_s")  # no part of what a teacher learns
+RECIPE_FIELDS = set(INHERITED) | {"depth", "teacher_depth", "method", "teacher"}
 
 
 @dataclass(frozen=True)
@@ -45,30 +45,50 @@ class TeacherRecipe:
 def teacher_recipe(trial: RunConfig, teacher_epochs: int) -> TeacherRecipe:
     """The teacher a trial learns from: a ResNet of the teacher depth trained with plain CE."""
     values = {k: getattr(trial, k) for k in INHERITED}
+    if not trial.data_options():
+        values["data_path"] = None  # a path this data set never reads is no part of its teacher
     values.update(method="ce", shortcut="all", dirac=False,
                   depth=trial.teacher_depth or trial.depth, epochs=teacher_epochs,
                   device=trial.device)
     return TeacherRecipe(tuple(sorted(values.items())))
 
 
-def plan_teachers(space: Space, base: dict[str, Any], teacher_epochs: int) -> list[TeacherRecipe]:
-    """Every teacher the space can ask for: one per data set, teacher depth and width."""
-    def options(key: str) -> tuple:
-        return space.values_of(key, base) or (base.get(key, getattr(RunConfig, key)),)
+def plan_teachers(space: Space, teacher_epochs: int) -> list[TeacherRecipe]:
+    """Every teacher a trial of the space can ask for, from each trial's full merged config.
 
-    methods = options("method")
-    if all(m == "ce" for m in methods) or options("teacher") != (None,):
-        return []  # no distillation, or every trial names its own teacher
-    teacher_depths = space.values_of("teacher_depth", base) or options("depth")
-    recipes = {}
-    for dataset, depth, width in itertools.product(options("dataset"), teacher_depths,
-                                                   options("width")):
-        trial = RunConfig(**{**{k: v for k, v in base.items() if k in INHERITED},
-                             "dataset": dataset, "depth": depth, "width": width,
-                             "device": base.get("device", "auto")})
-        recipe = teacher_recipe(trial, teacher_epochs)
-        recipes[recipe.key] = recipe
+    A trial's teacher depends on its cell, on the space's fixed values (with --set) and on the
+    choices it samples; every combination of choices is planned. A field of the teacher's
+    recipe searched as a range could ask for any number of teachers, so it is refused.
+    """
+    for p in space.params:
+        if p.type != "choice" and p.name in RECIPE_FIELDS:
+            raise SpaceError(f"{space.source}: params.{p.name}: each trial's teacher is trained "
+                             f"with its {p.name}, so it must be fixed or a choice, not a range")
+    recipes: dict[str, TeacherRecipe] = {}
+    for cell in space.cells():
+        for choices in _choice_combinations(space, cell.as_dict()):
+            cfg = RunConfig(**trial_values(space, {**cell.as_dict(), **choices}))
+            if cfg.method == "ce" or cfg.teacher:
+                continue  # no teacher, or one the trial names itself
+            recipe = teacher_recipe(cfg, teacher_epochs)
+            recipes[recipe.key] = recipe
     return list(recipes.values())
+
+
+def _choice_combinations(space: Space, cell: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values and the active choices, in the space's order."""
+    combos: list[dict[str, Any]] = [{}]
+    for key, values in space.grid.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    for p in (p for p in space.params if p.type == "choice"):
+        grown = []
+        for c in combos:
+            if p.active({**space.fixed, **cell, **c}):
+                grown += [{**c, p.name: v} for v in p.values]
+            else:
+                grown.append(c)
+        combos = grown
+    return combos
 
 
 def teacher_path(store: Path, recipe: TeacherRecipe) -> Path:

@@ -151,13 +151,16 @@ class Tracker:
         """The trial's run: created once, found again by its Ray trial id on any restart."""
         tags = {"mlflow.parentRunId": self.parent_run_id, "ray_trial_id": trial_id,
                 "search": self.search_name, "git_commit": self.commit, "device": device_name(),
-                "method": cfg.method, "dataset": cfg.dataset, "stopped_early": "false"}
+                "method": cfg.method, "dataset": cfg.dataset, "stopped_early": "false",
+                "cell": str(sample.get("cell", "")),
+                "study_trial": str(sample.get("study_trial", ""))}
         if teacher_run:
             tags["teacher_run_id"] = teacher_run
         c = client(self.uri)
         run = c.create_run(self.experiment_id, run_name=trial_name, tags=tags)
         log_params(self.uri, run.info.run_id, {**config_params(cfg),
-                                                **{f"sampled.{k}": v for k, v in sample.items()}})
+                                                **{f"sampled.{k}": v for k, v in sample.items()
+                                                   if k not in ("cell", "study_trial")}})
         return run.info.run_id
 
     def resume_trial_run(self, run_id: str) -> None:
@@ -230,6 +233,9 @@ def start_parent(uri: str, settings: dict[str, Any], commit: str) -> Tracker:
             "seed": settings["seed"], "epochs": settings["epochs"],
             "teacher_epochs": settings["teacher_epochs"],
             "max_concurrent": settings["max_concurrent"],
+            "cells": "; ".join(settings.get("cells", [])),
+            "trials_per_cell": settings.get("trials_per_cell"),
+            "optuna_storage": settings.get("optuna_storage"),
             "gpus_per_trial": settings["gpus_per_trial"],
             "cpus_per_trial": settings["cpus_per_trial"],
             **{f"set.{k}": v for k, v in settings["overrides"].items()}})
@@ -237,13 +243,15 @@ def start_parent(uri: str, settings: dict[str, Any], commit: str) -> Tracker:
 
 
 def settle_trial_runs(tracker: Tracker, rows: list[dict[str, Any]]) -> None:
-    """After the search: each trial's run gets its final status; none stays RUNNING."""
+    """After the search: each trial's run gets its final status; none stays RUNNING. A cell's
+    chosen trial gets its test accuracy and the tag `chosen`."""
     c = client(tracker.uri)
     for row in rows:
         run_id = tracker.find_trial_run(row["trial_id"])
         if run_id is None:
             continue
         row["mlflow_run_id"] = run_id
+        c.set_tag(run_id, "chosen", str(bool(row.get("chosen"))).lower())
         if not math.isnan(row.get("test_acc", math.nan)):
             c.log_metric(run_id, "test_acc", row["test_acc"])
         if c.get_run(run_id).info.status != "RUNNING":
@@ -255,15 +263,17 @@ def settle_trial_runs(tracker: Tracker, rows: list[dict[str, Any]]) -> None:
                                   stopped_early=row["status"] == "STOPPED_EARLY")
 
 
-def finish_parent(tracker: Tracker, files: list[Path], best: dict[str, Any] | None,
+def finish_parent(tracker: Tracker, files: list[Path], chosen: dict[str, dict[str, Any]],
                   status: str = "FINISHED") -> None:
+    """The parent run's artifacts (tables, chosen configs), and a tag per cell naming the run
+    of its chosen trial."""
     c = client(tracker.uri)
     for path in files:
         if Path(path).exists():
-            c.log_artifact(tracker.parent_run_id, str(path))
-    if best is not None:
-        c.set_tag(tracker.parent_run_id, "best_trial_id", best["trial_id"])
-        metrics = {"best_val_acc": best["val_acc"], "best_test_acc": best.get("test_acc")}
-        log_metrics(tracker.uri, tracker.parent_run_id,
-                    {k: v for k, v in metrics.items() if v is not None}, step=0)
+            artifact_path = "best" if Path(path).parent.name == "best" else None
+            c.log_artifact(tracker.parent_run_id, str(path), artifact_path=artifact_path)
+    for cell, row in chosen.items():
+        if row.get("mlflow_run_id"):
+            key = re.sub(r"[^A-Za-z0-9_./ -]", "-", f"chosen/{cell}")[:250]
+            c.set_tag(tracker.parent_run_id, key, row["mlflow_run_id"])
     c.set_terminated(tracker.parent_run_id, status=status)

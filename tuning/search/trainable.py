@@ -27,8 +27,7 @@ from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, train
 class SearchContext:
     """What every trial of a search shares; passed to the trainable with tune.with_parameters."""
 
-    space: Space
-    overrides: dict[str, Any]
+    space: Space  # with the search's --set values fixed
     teacher_store: str
     teacher_epochs: int
     search_name: str
@@ -37,8 +36,9 @@ class SearchContext:
     experiment_path: str | None = None  # the search's folder in Tune's storage (path or URI)
 
     def run_config(self, sample: dict[str, Any]) -> RunConfig:
-        """The trial's RunConfig: space, sample, overrides, and its teacher's path."""
-        cfg = RunConfig(**trial_values(self.space, sample, self.overrides))
+        """The trial's RunConfig: the space's fixed values, its cell and sample, and its
+        teacher's path."""
+        cfg = RunConfig(**trial_values(self.space, sample))
         if cfg.method != "ce" and not cfg.teacher:
             recipe = teacher_recipe(cfg, self.teacher_epochs)
             cfg.teacher = str(teacher_path(Path(self.teacher_store), recipe))

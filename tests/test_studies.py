@@ -1,0 +1,227 @@
+"""One study per cell: the searcher's budgets, the scheduler's rungs and decisions, and the
+states it leaves in a real Optuna storage (SQLite). Ray Tune's own loop is exercised end to end
+in test_search.py; here the same objects are driven directly, so every case is deterministic."""
+
+import json
+import math
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
+from tuning.search.space import parse_space
+from tuning.search.studies import (
+    LOST,
+    CellScheduler,
+    CellSearcher,
+    StudyBook,
+    decisions,
+    mark_lost,
+    promotes,
+    rung_epochs,
+    tell,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = """
+fixed: {method: alignkd}
+across:
+  dataset: [digits, npz]
+params:
+  alpha: {type: float, low: 0.0, high: 1.0}
+"""
+
+
+@pytest.fixture
+def book(tmp_path):
+    space = parse_space(SPACE, source="two.yaml", name="two")
+    return StudyBook(f"sqlite:///{tmp_path / 'optuna.db'}", "s", space, seed=0,
+                     multi_objective=False, budget=3)
+
+
+def lr_peak_epoch(epochs: int, steps: int = 7, pct_start: float = 0.3) -> int:
+    """The epoch in which a real OneCycleLR reaches its highest lr (1-based)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=epochs * steps,
+                                                pct_start=pct_start)
+    lrs = []
+    for _ in range(epochs * steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs.index(max(lrs)) // steps + 1
+
+
+@pytest.mark.parametrize("epochs", [2, 3, 4, 10, 15, 20, 50, 200, 201])
+def test_no_rung_comes_before_the_lr_peak(epochs):
+    rungs = rung_epochs(epochs, 0.3, 2)
+    assert all(r >= lr_peak_epoch(epochs) for r in rungs) and all(r < epochs for r in rungs)
+
+
+def test_rungs_of_the_default_recipe():
+    assert rung_epochs(200, 0.3, 2) == (60, 120)
+    assert rung_epochs(4, 0.3, 2) == (2,)
+    assert rung_epochs(1, 0.3, 2) == ()
+
+
+@pytest.mark.parametrize(("value", "compared", "expected"), [
+    (0.5, [0.5], True),               # the first at a rung always goes on
+    (0.4, [0.5, 0.4], False),         # two: only the better half (1 of 2)
+    (0.5, [0.5, 0.4], True),
+    (0.5, [0.5, 0.5], True),          # a tie with the best goes on
+    (0.6, [0.9, 0.8, 0.6], False),    # three: floor(3/2) = 1 goes on
+    (0.8, [0.9, 0.8, 0.6, 0.1], True),  # four: the top 2
+    (0.6, [0.9, 0.8, 0.6, 0.1], False),
+    (math.nan, [0.9, math.nan], False),
+])
+def test_successive_halving_rule_on_hand_worked_cases(value, compared, expected):
+    assert promotes(value, compared, 2) is expected
+
+
+def ask(searcher, n):
+    return [(f"t{i}", searcher.suggest(f"t{i}")) for i in range(n)]
+
+
+def test_each_cell_gets_exactly_its_budget_round_robin(book):
+    searcher = CellSearcher(book, book.space.cells(), epochs=4)
+    asked = ask(searcher, 6)
+    assert [c["dataset"] for _, c in asked] == ["digits", "npz"] * 3
+    assert all(0.0 <= c["alpha"] <= 1.0 and "method" not in c for _, c in asked)  # fixed
+    assert searcher.suggest("t6") == Searcher.FINISHED
+    for cell in book.space.cells():
+        assert [t.user_attrs["ray_trial_id"] for t in book.study(cell).trials] == [
+            tid for tid, c in asked if c["cell"] == cell.key]
+
+
+def test_a_concurrency_limit_holds_over_all_cells(book):
+    searcher = CellSearcher(book, book.space.cells(), epochs=4, max_concurrent=2)
+    assert len(ask(searcher, 2)) == 2 and searcher.suggest("t9") is None
+    searcher.on_trial_complete("t0", {"epoch": 4, "val_acc": 0.5})
+    assert searcher.suggest("t9")["dataset"] == "digits"
+
+
+def drive(book, scheduler, config, epoch, value):
+    from tuning.search.cells import Cell
+
+    cell = Cell.of(config, book.space.dims)
+    return scheduler.decide(cell, config["study_trial"], epoch, value)
+
+
+def test_a_stop_depends_only_on_the_trials_of_its_own_cell(book):
+    """digits trials score 0.9, npz trials 0.1 at the rung: pooled, every npz trial would
+    stop. Per cell, the first npz trial goes on and only a worse npz trial stops."""
+    searcher = CellSearcher(book, book.space.cells(), epochs=4)
+    scheduler = CellScheduler(book, (2,), 2)
+    configs = dict(ask(searcher, 6))
+    values = {"t0": 0.9, "t1": 0.1, "t2": 0.95, "t3": 0.05, "t4": 0.8, "t5": 0.12}
+    decided = {}
+    for epoch in (1, 2):
+        for tid, config in configs.items():
+            if decided.get(tid) == TrialScheduler.STOP:
+                continue
+            decided[tid] = drive(book, scheduler, config, epoch, values[tid] - (2 - epoch) / 10)
+    assert decided == {"t0": "CONTINUE", "t1": "CONTINUE", "t2": "CONTINUE", "t3": "STOP",
+                       "t4": "STOP", "t5": "CONTINUE"}
+    cell_of = {tid: c["cell"] for tid, c in configs.items()}
+    records = decisions(book, book.space.cells())
+    assert len(records) == 6
+    for record in records:
+        assert {c["ray_trial_id"] for c in record["compared"]} <= {
+            t for t, c in cell_of.items() if c == cell_of[record["ray_trial_id"]]}
+        assert record["go_on"] == promotes(record["value"],
+                                           [c["value"] for c in record["compared"]], 2)
+    states = {t.user_attrs["ray_trial_id"]: t for c in book.space.cells()
+              for t in book.study(c).trials}
+    assert {t for t, f in states.items() if f.state == TrialState.PRUNED} == {"t3", "t4"}
+    # A pruned trial keeps its curve; Optuna takes its last value as the pruned value.
+    assert states["t3"].intermediate_values == {1: pytest.approx(-0.05), 2: 0.05}
+    assert states["t3"].value == 0.05
+    # The same report again (a resumed trial catching up) gets the recorded decision.
+    assert drive(book, scheduler, configs["t3"], 2, 0.99) == TrialScheduler.STOP
+    assert drive(book, scheduler, configs["t5"], 2, 0.0) == TrialScheduler.CONTINUE
+
+
+def test_how_a_trial_ends_is_told_to_its_study(book):
+    searcher = CellSearcher(book, book.space.cells(), epochs=4)
+    configs = dict(ask(searcher, 4))
+    searcher.on_trial_complete("t0", {"epoch": 4, "val_acc": 0.7, "train_time": 3.0})
+    searcher.on_trial_complete("t1", None, error=True)
+    searcher.on_trial_complete("t2", {"epoch": 2, "val_acc": 0.7})  # ended short, not stopped
+    frozen = {t.user_attrs["ray_trial_id"]: t for c in book.space.cells()
+              for t in book.study(c).trials}
+    assert frozen["t0"].state == TrialState.COMPLETE and frozen["t0"].value == 0.7
+    assert frozen["t1"].state == TrialState.FAIL and frozen["t2"].state == TrialState.FAIL
+    assert "ended after epoch 2 of 4" in frozen["t2"].user_attrs["failure"]
+    assert frozen["t3"].state == TrialState.RUNNING
+    # Telling again (after a killed driver) changes nothing.
+    cell = next(c for c in book.space.cells() if c.key == configs["t0"]["cell"])
+    assert tell(book, cell, 0, {"epoch": 4, "val_acc": 0.1}, error=False, epochs=4).value == 0.7
+
+
+def test_trials_tune_never_recorded_are_lost_and_replaced(book, tmp_path):
+    """A driver killed after asking a study but before Tune saved the trial: on resume the
+    study trial is FAIL with a reason, and the cell asks for another in its place."""
+    searcher = CellSearcher(book, book.space.cells(), epochs=4)
+    ask(searcher, 3)
+    searcher.save(str(tmp_path / "state.json"))          # Tune saved t0..t2
+    searcher.suggest("t3")                                # then asked for t3, and died
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert set(state["known"]) == {"t0", "t1", "t2"}     # JSON: nothing to unpickle
+    resumed = CellSearcher(book, book.space.cells(), epochs=4)
+    resumed.restore(str(tmp_path / "state.json"))
+    asked = [resumed.suggest(f"r{i}") for i in range(4)]
+    assert asked[-1] == Searcher.FINISHED
+    lost = [t for c in book.space.cells() for t in book.study(c).trials if LOST in t.user_attrs]
+    assert [t.user_attrs["ray_trial_id"] for t in lost] == ["t3"]
+    assert lost[0].state == TrialState.FAIL
+    for cell in book.space.cells():
+        assert len(book.counted(cell)) == 3
+    assert mark_lost(book, book.space.cells(), known={"t0", "t1", "t2", "r0", "r1", "r2"}) == 0
+
+
+def test_the_studies_pickle_without_their_connections(book):
+    import pickle
+
+    searcher = CellSearcher(book, book.space.cells(), epochs=4)
+    ask(searcher, 2)
+    again = pickle.loads(pickle.dumps(searcher))
+    assert again.book._studies == {} and again.book._storage is None
+    assert len(again.book.study(book.space.cells()[0]).trials) == 1
+
+
+def test_a_multi_objective_cell_is_told_accuracy_and_time(tmp_path):
+    space = parse_space(SPACE, source="two.yaml", name="two")
+    book = StudyBook(f"sqlite:///{tmp_path / 'mo.db'}", "s", space, seed=0,
+                     multi_objective=True, budget=2)
+    searcher = CellSearcher(book, space.cells(), epochs=2)
+    ask(searcher, 2)
+    searcher.on_trial_complete("t0", {"epoch": 2, "val_acc": 0.6, "train_time": 9.0})
+    frozen = book.study(space.cells()[0]).trials[0]
+    assert frozen.values == [0.6, 9.0]
+    assert isinstance(book.sampler(space.cells()[0]), optuna.samplers.TPESampler)
+
+
+def test_spearman_against_hand_worked_values_and_scipy():
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from tuning.rungs import cell_correlation, ranks, spearman
+
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
+    assert ranks([0.5, 0.1, 0.5, 0.9]) == [2.5, 1.0, 2.5, 4.0]
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(3))
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = rng.integers(0, 6, 15).astype(float)  # many ties
+        y = x + rng.normal(0, 2, 15)
+        assert spearman(list(x), list(y)) == pytest.approx(spearmanr(x, y).statistic)
+    curves = [{1: 0.1, 2: 0.3, 3: 0.4}, {1: 0.2, 2: 0.2, 3: 0.5}, {1: 0.3, 2: 0.4, 3: 0.6},
+              {1: 0.2, 2: 0.5}]  # the last one never finished: not counted
+    result = cell_correlation(curves, rung=2, epochs=3)
+    assert result["trials"] == 3 and result["rho_at_rung"] == pytest.approx(0.5)  # d = 1, -1, 0
+    assert result["rho_by_epoch"][3] == pytest.approx(1.0)

@@ -1,0 +1,307 @@
+"""One Optuna study per cell, in one Optuna storage; the Tune searcher and scheduler over them.
+
+- `CellSearcher` asks each cell's own study for that cell's trials, round-robin over the cells
+  until each has its budget, and tells the study how each trial ended: COMPLETE with the last
+  epoch's validation accuracy, PRUNED when the scheduler stopped it, FAIL when it errored.
+- `CellScheduler` records every epoch's validation accuracy as the trial's intermediate
+  value and runs asynchronous successive halving inside the trial's study: a trial reaching a
+  rung is compared only with the trials of its own study that reached that rung. Each decision
+  is recorded on the trial (user attribute `asha_epoch_<epoch>`) with the trials it compared.
+
+The storage is the state: both run in the search driver, and a resumed driver reopens the same
+studies. Trials a killed driver had asked for but Tune never recorded are marked FAIL with a
+`lost` reason and do not count against their cell's budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from tuning.search.cells import Cell, study_name
+from tuning.search.space import Space, SpaceSampler
+
+RAY_ID = "ray_trial_id"
+LOST = "lost"
+DECISION = "asha_epoch_{}"
+METRIC = "val_acc"  # selection: the last epoch's validation accuracy, the tested weights'
+TIME_METRIC = "train_time"
+
+
+def rung_epochs(epochs: int, pct_start: float, reduction_factor: int) -> tuple[int, ...]:
+    """ASHA's rungs: the first at the first epoch ending at or after OneCycle's lr peak,
+    then every `reduction_factor` times later, before the last epoch.
+
+    Judging a trial while its lr still rises would favour low learning rates.
+    """
+    first = max(1, math.ceil(pct_start * epochs - 1e-9))
+    rungs, r = [], first
+    while r < epochs:
+        rungs.append(r)
+        r *= reduction_factor
+    return tuple(rungs)
+
+
+def promotes(value: float, compared: list[float], reduction_factor: int) -> bool:
+    """Successive halving's rule: a trial goes on when it is in the top 1/reduction_factor of
+    the values recorded at its rung (its own included), and always when it is the first."""
+    ranked = sorted((v for v in compared if not math.isnan(v)), reverse=True)
+    if math.isnan(value):
+        return not ranked
+    keep = max(1, len(ranked) // reduction_factor)
+    return value >= ranked[keep - 1]
+
+
+def cell_seed(seed: int, cell: Cell) -> int:
+    return int(hashlib.sha256(f"{seed}/{cell.key}".encode()).hexdigest()[:8], 16)
+
+
+class StudyBook:
+    """The cells' studies, opened lazily: the object pickles with its settings alone."""
+
+    def __init__(self, storage: str, search: str, space: Space, *, seed: int,
+                 multi_objective: bool, budget: int) -> None:
+        self.storage_url, self.search, self.space = storage, search, space
+        self.seed, self.multi_objective, self.budget = seed, multi_objective, budget
+        self._studies: dict[str, optuna.Study] = {}
+        self._storage = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_studies": {}, "_storage": None}
+
+    @property
+    def storage(self):
+        if self._storage is None:
+            self._storage = optuna.storages.RDBStorage(self.storage_url)
+        return self._storage
+
+    def directions(self) -> list[str]:
+        return ["maximize", "minimize"] if self.multi_objective else ["maximize"]
+
+    def sampler(self, cell: Cell) -> optuna.samplers.BaseSampler:
+        seed = cell_seed(self.seed, cell)
+        if self.space.kind == "grid":
+            return optuna.samplers.GridSampler(SpaceSampler(self.space).grid_space(), seed=seed)
+        if self.space.kind == "fixed":
+            return optuna.samplers.RandomSampler(seed=seed)  # nothing is sampled
+        # TPE (multi-objective TPE for acc-time); its random start-up is at most half the
+        # cell's budget, so that a small budget still gets model-based proposals.
+        startup = max(1, min(10, self.budget // 2))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+    def study(self, cell: Cell) -> optuna.Study:
+        if cell.key not in self._studies:
+            study = optuna.create_study(
+                storage=self.storage, study_name=study_name(self.search, cell),
+                sampler=self.sampler(cell), directions=self.directions(), load_if_exists=True)
+            if not study.user_attrs:
+                study.set_user_attr("search", self.search)
+                study.set_user_attr("cell", cell.as_dict())
+            self._studies[cell.key] = study
+        return self._studies[cell.key]
+
+    def trial(self, cell: Cell, number: int) -> optuna.trial.FrozenTrial:
+        study = self.study(cell)
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        return self.storage.get_trial(trial_id)
+
+    def counted(self, cell: Cell) -> list[optuna.trial.FrozenTrial]:
+        """The cell's trials that count against its budget: all but the lost ones."""
+        return [t for t in self.study(cell).get_trials(deepcopy=False) if LOST not in t.user_attrs]
+
+    def delete_all(self, cells: list[Cell]) -> None:
+        """Forget every study of the search (a fresh Tune experiment under the same name)."""
+        names = {s.study_name for s in self.storage.get_all_studies()}
+        for cell in cells:
+            if study_name(self.search, cell) in names:
+                optuna.delete_study(study_name=study_name(self.search, cell),
+                                    storage=self.storage)
+        self._studies.clear()
+
+
+class CellSearcher(Searcher):
+    """Ray Tune's searcher over the cells' studies: each cell gets exactly its budget."""
+
+    def __init__(self, book: StudyBook, cells: list[Cell], *, epochs: int,
+                 max_concurrent: int = 0) -> None:
+        super().__init__(metric=None, mode=None)
+        self.book, self.cells, self.epochs = book, list(cells), epochs
+        self.max_concurrent = max_concurrent
+        self.sampler = SpaceSampler(book.space)
+        self.known: set[str] = set()  # every Tune trial id this search asked a study for
+        self.live: dict[str, tuple[str, int]] = {}  # Tune trial id -> (cell key, study trial)
+        self._started: dict[str, int] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_started": None}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the metric and direction are the studies'
+
+    def _cell(self, key: str) -> Cell:
+        return next(c for c in self.cells if c.key == key)
+
+    def _counts(self) -> dict[str, int]:
+        """Trials started per cell; the first call also settles what a killed driver left."""
+        if self._started is None:
+            mark_lost(self.book, self.cells, self.known)
+            self._started = {c.key: len(self.book.counted(c)) for c in self.cells}
+        return self._started
+
+    def suggest(self, trial_id: str) -> dict | None:
+        counts = self._counts()
+        budget = self.book.space.cell_budget(self.book.budget)
+        open_cells = [c for c in self.cells if counts[c.key] < budget]
+        if not open_cells:
+            return Searcher.FINISHED
+        if self.max_concurrent and len(self.live) >= self.max_concurrent:
+            return None
+        # The cell with the fewest trials so far: every cell advances, and all run at once.
+        cell = min(open_cells, key=lambda c: counts[c.key])
+        study = self.book.study(cell)
+        trial = study.ask()
+        trial.set_user_attr(RAY_ID, trial_id)
+        params = self.sampler.sample(trial, cell)
+        counts[cell.key] += 1
+        self.known.add(trial_id)
+        self.live[trial_id] = (cell.key, trial.number)
+        return {"cell": cell.key, "study_trial": trial.number, **cell.as_dict(), **params}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        entry = self.live.pop(trial_id, None)
+        if entry is None:
+            return
+        cell, number = self._cell(entry[0]), entry[1]
+        tell(self.book, cell, number, result, error=error, epochs=self.epochs)
+
+    def save(self, checkpoint_path: str) -> None:
+        # JSON, not a pickle: the state is two lists of ids, and the studies are in storage.
+        Path(checkpoint_path).write_text(json.dumps(
+            {"known": sorted(self.known), "live": self.live}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.known = set(state["known"])
+        self.live = {k: (v[0], int(v[1])) for k, v in state["live"].items()}
+        self._started = None
+
+
+def mark_lost(book: StudyBook, cells: list[Cell], known: set[str]) -> int:
+    """FAIL every unfinished study trial that Tune has no record of (asked for by a driver that
+    was killed before Tune saved its state): it never trained, or not for long. It does not
+    count against its cell's budget."""
+    lost = 0
+    for cell in cells:
+        study = book.study(cell)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,
+                                                           TrialState.WAITING)):
+            if t.user_attrs.get(RAY_ID) in known:
+                continue
+            book.storage.set_trial_user_attr(
+                t._trial_id, LOST, "the search driver was killed before Ray Tune recorded "
+                                   "this trial; another trial of the cell took its place")
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            lost += 1
+    return lost
+
+
+def tell(book: StudyBook, cell: Cell, number: int, result: dict | None, *, error: bool,
+         epochs: int) -> optuna.trial.FrozenTrial:
+    """Tell a cell's study how a trial ended; a trial already told (pruned, or told before a
+    killed driver could save) keeps its state."""
+    study, frozen = book.study(cell), book.trial(cell, number)
+    if frozen.state.is_finished():
+        return frozen
+    result = result or {}
+    epoch = int(result.get("epoch", 0))
+    if error:
+        book.storage.set_trial_user_attr(frozen._trial_id, "failure", "the trial errored")
+        return study.tell(number, state=TrialState.FAIL)
+    value = result.get(METRIC)
+    if epoch < epochs or value is None or not math.isfinite(value):
+        book.storage.set_trial_user_attr(
+            frozen._trial_id, "failure",
+            f"ended after epoch {epoch} of {epochs} without being stopped by the scheduler")
+        return study.tell(number, state=TrialState.FAIL)
+    values = [value, result[TIME_METRIC]] if book.multi_objective else [value]
+    return study.tell(number, values)
+
+
+class CellScheduler(FIFOScheduler):
+    """Early stopping inside each cell's study (successive halving at `rungs`), and every
+    epoch's validation accuracy recorded as the study trial's intermediate value.
+
+    With no rungs it stops nothing (FIFO) and still records the curves.
+    """
+
+    def __init__(self, book: StudyBook, rungs: tuple[int, ...], reduction_factor: int) -> None:
+        super().__init__()
+        self.book, self.rungs, self.reduction_factor = book, tuple(rungs), reduction_factor
+        self._cells: dict[str, Cell] = {}
+
+    def _cell(self, trial) -> Cell:
+        key = trial.config["cell"]
+        if key not in self._cells:
+            self._cells[key] = Cell.of(trial.config, self.book.space.dims)
+        return self._cells[key]
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if self.book.multi_objective or "study_trial" not in trial.config:
+            return TrialScheduler.CONTINUE  # Optuna keeps no curves for multi-objective studies
+        epoch, value = int(result.get("epoch", 0)), result.get(METRIC)
+        if epoch < 1 or value is None:
+            return TrialScheduler.CONTINUE
+        return self.decide(self._cell(trial), trial.config["study_trial"], epoch, float(value))
+
+    def decide(self, cell: Cell, number: int, epoch: int, value: float) -> str:
+        """Record the epoch's value; at a rung, compare it within the cell's study."""
+        book = self.book
+        frozen = book.trial(cell, number)
+        if frozen.state == TrialState.PRUNED:
+            return TrialScheduler.STOP  # decided before a driver was killed; decided again
+        if frozen.state.is_finished():
+            return TrialScheduler.CONTINUE
+        if epoch not in frozen.intermediate_values:
+            book.storage.set_trial_intermediate_value(frozen._trial_id, epoch, value)
+        if epoch not in self.rungs:
+            return TrialScheduler.CONTINUE
+        recorded = frozen.user_attrs.get(DECISION.format(epoch))
+        if recorded is not None:
+            return TrialScheduler.CONTINUE if recorded["go_on"] else TrialScheduler.STOP
+        compared = [(t.user_attrs.get(RAY_ID), t.number, t.intermediate_values[epoch])
+                    for t in book.study(cell).get_trials(deepcopy=False)
+                    if epoch in t.intermediate_values and LOST not in t.user_attrs
+                    and t.number != number]
+        compared.append((frozen.user_attrs.get(RAY_ID), number, value))
+        go_on = promotes(value, [v for _, _, v in compared], self.reduction_factor)
+        book.storage.set_trial_user_attr(frozen._trial_id, DECISION.format(epoch), {
+            "epoch": epoch, "value": value, "go_on": go_on, "cell": cell.key,
+            "rule": f"top 1/{self.reduction_factor} of the cell's trials at this rung",
+            "compared": [{"ray_trial_id": r, "study_trial": n, "value": v}
+                         for r, n, v in sorted(compared, key=lambda x: x[1])],
+        })
+        if go_on:
+            return TrialScheduler.CONTINUE
+        book.study(cell).tell(number, state=TrialState.PRUNED)
+        return TrialScheduler.STOP
+
+
+def decisions(book: StudyBook, cells: list[Cell]) -> list[dict[str, Any]]:
+    """Every early-stopping decision of the search, as recorded on the study trials."""
+    out = []
+    for cell in cells:
+        for t in book.study(cell).get_trials(deepcopy=False):
+            for key, record in t.user_attrs.items():
+                if key.startswith("asha_epoch_"):
+                    out.append({**record, "ray_trial_id": t.user_attrs.get(RAY_ID),
+                                "study_trial": t.number})
+    return out
