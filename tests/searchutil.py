@@ -13,11 +13,14 @@ def optuna_uri(root: Path) -> str:
 
 
 def search_args(root: Path, name: str, *extra: str, space: str = "alignkd",
-                depth: int | None = 18, smoke: bool = True) -> list[str]:
+                depth: int | None = 18, smoke: bool = True, replicates: int = 0) -> list[str]:
     """A smoke search in `root`. With `depth` fixed (the default) the smoke search's depth
     cells collapse into one, which is all most tests need; depth=None keeps both. Without
-    `smoke`, the same thin networks, but the space's own data sets."""
+    `smoke`, the same thin networks, but the space's own data sets. No replicates unless
+    asked for."""
     cells = ["--set", f"depth={depth}"] if depth is not None else []
+    if "--resume" not in extra:
+        cells += ["--replicates", str(replicates)]
     if smoke:
         cells.insert(0, "--smoke")
     else:

@@ -26,7 +26,9 @@ def root(tmp_path_factory) -> Path:
 
 def test_smoke_search_runs_two_cells_each_with_its_chosen_and_tested_trial(ray_session, root,
                                                                           capsys):
-    code = main(search_args(root, "smoke", "--num-samples", "2", "--epochs", "2", depth=None))
+    # FIFO, so that every trial completes and each cell's study has curves to compare.
+    code = main(search_args(root, "smoke", "--num-samples", "2", "--epochs", "2",
+                            "--scheduler", "fifo", depth=None, replicates=2))
     out = capsys.readouterr().out
     assert code == 0, out
     table = rows(root, "smoke")
@@ -43,14 +45,46 @@ def test_smoke_search_runs_two_cells_each_with_its_chosen_and_tested_trial(ray_s
         assert len(tested) == 1 and tested[0]["chosen"] == "True"
         assert tested[0]["trial_id"] == cell["chosen_trial"]
         assert cell["test_acc"] == tested[0]["test_acc"] and 0 < float(cell["test_acc"]) <= 1
-        # The chosen trial is the study's best: selected on the last epoch's val accuracy.
+        # The chosen trial is the study's best: selected on the last epoch's val accuracy
+        # (among equals, the faster one).
         study = found[cell["cell"]]
-        assert study.best_trial.user_attrs["ray_trial_id"] == cell["chosen_trial"]
+        best = [t.user_attrs["ray_trial_id"] for t in study.trials
+                if t.value == study.best_value]
+        assert cell["chosen_trial"] in best
         assert study.best_value == pytest.approx(float(cell["val_acc"]))
         assert study.user_attrs["chosen"]["test_acc"] == pytest.approx(float(cell["test_acc"]))
         config = Path(cell["config"])
         assert config.parent == root / "ray" / "smoke" / "best" and config.is_file()
     assert "per cell" in out and "cells.csv" in out
+    # Replicates: each chosen trial twice more, with the next seeds, each tested once.
+    again = rows(root, "smoke", "replicates.csv")
+    assert sorted((r["cell"], r["replicate"], r["seed"]) for r in again) == [
+        (c, str(i), str(i)) for c in ("depth=18", "depth=34") for i in (1, 2)]
+    chosen_ids = {c["cell"]: c["chosen_trial"] for c in cells}
+    assert all(r["replicate_of"] == chosen_ids[r["cell"]] and r["status"] == "TERMINATED"
+               and 0 < float(r["test_acc"]) <= 1 for r in again)
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri(root))
+    exp = mlflow.get_experiment_by_name("smoke")
+    runs = mlflow.search_runs([exp.experiment_id])
+    by_trial = {r.data.tags.get("ray_trial_id"): r for r in runs}
+    for r in again:  # its own run, linked to the run of the trial it repeats
+        run = by_trial[r["trial_id"]]
+        assert run.data.tags["role"] == "replicate" and run.info.status == "FINISHED"
+        assert run.data.tags["replicate_of"] == by_trial[r["replicate_of"]].info.run_id
+        assert run.data.params["seed"] == r["seed"]
+        assert run.data.metrics["test_acc"] == pytest.approx(float(r["test_acc"]))
+    # The report: every cell, mean ± std over the chosen trial and its replicates, and the
+    # importance and parallel-coordinates plots, logged to the parent run.
+    parent = next(r for r in runs if r.data.tags.get("role") == "search")
+    logged = {a.path for a in mlflow.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/tables.md", "report/tables.csv", "report/replicates.png",
+            "report/importance-depth-18.png", "report/parallel-depth-18.png",
+            "report/importance-depth-34.png", "report/parallel-depth-34.png"} <= logged
+    table = (root / "ray" / "smoke" / "report" / "tables.md").read_text()
+    assert "| digits | Plain-18 |" in table and "| digits | Plain-34 |" in table
+    assert table.count("(n=3)") == 2
     # A chosen config runs again as a single training run.
     cfg = RunConfig.from_yaml(cells[1]["config"])
     assert cfg.method == "alignkd" and cfg.dataset == "digits" and cfg.depth == 34
@@ -316,7 +350,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
         "across_and_searched": "across: {depth: [18, 34]}\n"
                                "params:\n  depth: {type: choice, values: [18, 34]}\n",
         "teacher_recipe_range": "fixed: {method: alignkd}\n"
-                                "params:\n  batch_size: {type: int, low: 32, high: 64}\n",
+                                "params:\n  val_fraction: {type: float, low: 0.1, high: 0.2}\n",
     }
     space_file = tmp_path / "space.yaml"
     space_file.write_text(spaces.get(case, GOOD_SPACE))
@@ -353,7 +387,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
         "across_no_values": (["--space", str(space_file)], "must be a non-empty list"),
         "across_and_searched": (["--space", str(space_file)], "is both run across and searched"),
         "teacher_recipe_range": (["--space", str(space_file)],
-                                 "params.batch_size: each trial's teacher is trained"),
+                                 "params.val_fraction: each trial's teacher is trained"),
         "optuna_unwritable": (["--optuna-storage", f"sqlite:///{blocker}/sub/o.db"],
                               "is not a writable folder"),
         "optuna_unopenable": (["--optuna-storage", "nosuchdb://127.0.0.1:9/x"],

@@ -225,3 +225,20 @@ def test_spearman_against_hand_worked_values_and_scipy():
     result = cell_correlation(curves, rung=2, epochs=3)
     assert result["trials"] == 3 and result["rho_at_rung"] == pytest.approx(0.5)  # d = 1, -1, 0
     assert result["rho_by_epoch"][3] == pytest.approx(1.0)
+
+
+def test_a_grid_cell_runs_each_point_once_and_its_tell_does_not_stop_a_study(tmp_path):
+    space = parse_space("fixed: {method: alignkd}\nacross: {depth: [18, 34]}\n"
+                        "grid:\n  lr: [0.01, 0.02, 0.03]\n", source="g.yaml", name="g")
+    book = StudyBook(f"sqlite:///{tmp_path / 'g.db'}", "s", space, seed=0,
+                     multi_objective=False, budget=99)
+    searcher = CellSearcher(book, space.cells(), epochs=1)
+    asked = ask(searcher, 7)
+    assert asked[-1][1] == Searcher.FINISHED  # 2 cells x 3 grid points
+    for cell in space.cells():
+        assert sorted(c["lr"] for _, c in asked[:-1] if c and c["cell"] == cell.key) == [
+            0.01, 0.02, 0.03]
+    for tid, _ in asked[:-1]:
+        searcher.on_trial_complete(tid, {"epoch": 1, "val_acc": 0.5})
+    assert all(t.state == TrialState.COMPLETE for c in space.cells()
+               for t in book.study(c).trials)

@@ -180,8 +180,10 @@ def test_runs_reach_a_real_mlflow_server_read_over_rest(ray_session, tmp_path):
             except OSError:
                 assert time.time() < deadline and server.poll() is None, "server did not start"
                 time.sleep(1)
+        # With a tracking server, the studies' default is ./optuna.db: keep them in the test.
         args = search_args(tmp_path, "served", "--num-samples", "1", "--epochs", "1",
-                           "--scheduler", "fifo")
+                           "--scheduler", "fifo", "--optuna-storage",
+                           f"sqlite:///{tmp_path / 'optuna.db'}")
         args[args.index("--tracking-uri") + 1] = base
         assert main(args) == 0
         exp = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=served")

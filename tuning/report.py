@@ -1,19 +1,34 @@
-"""`python -m tuning.report [NAME]`: the paper's comparison, from a search's MLflow runs."""
+"""`python -m tuning.report [NAME]`: the paper's Tables 1-3 from a search, with their spread.
+
+One row per data set x student. Per method: the test accuracy of the cell's chosen trial and
+its replicates as mean ± std (n runs), the median minutes to train, and seconds per epoch;
+the teacher's test accuracy; and where AlignKD and JointRD were both searched, their
+difference with Welch's 95% interval, the time ratio, and a plain verdict. Per cell, the
+hyperparameters that mattered most (Optuna's importance evaluator on the cell's study).
+Written as Markdown and CSV, with figures, and logged to the search's parent run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import math
 import statistics
 import sys
-from collections import defaultdict
+import warnings
 from pathlib import Path
 from typing import Any
 
+from tuning.checkpoint import atomic_write_text
 from tuning.config import UserError
 from tuning.search.tracking import check_reachable, client, default_tracking_uri
+from tuning.stats import Summary, verdict, welch
 
 METHOD_ORDER = ("alignkd", "jointrd", "kd", "ce")
+METHOD_NAMES = {"alignkd": "AlignKD", "jointrd": "JointRD", "kd": "KD", "ce": "CE"}
+COLOURS = {"alignkd": "#1f77b4", "jointrd": "#d62728", "kd": "#2ca02c", "ce": "#7f7f7f"}
+DPI = 150
 
 
 def find_search(uri: str, name: str | None):
@@ -35,22 +50,24 @@ def find_search(uri: str, name: str | None):
     raise UserError(f"no search found in {uri}; run `python -m tuning.search` first")
 
 
-def trial_runs(uri: str, exp, parent) -> list[dict[str, Any]]:
-    """Every trial run of the search, as a flat record."""
+def search_runs(uri: str, exp, parent) -> list[dict[str, Any]]:
+    """Every trial and replicate run of the search, as a flat record."""
     c = client(uri)
     runs = c.search_runs([exp.experiment_id],
                          filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-                         max_results=5000)
+                         max_results=50000)
     out = []
     for r in runs:
         p, m, t = r.data.params, r.data.metrics, r.data.tags
-        epochs = int(m.get("epoch", 0))
         if "method" not in p or "dataset" not in p:
             continue  # killed before its params were logged: nothing to compare
+        epochs = int(m.get("epoch", 0))
         out.append({
-            "run_id": r.info.run_id, "status": r.info.status, "method": p.get("method"),
-            "dataset": p.get("dataset"), "depth": int(p.get("depth", 0)),
-            "cell": t.get("cell", ""), "chosen": t.get("chosen") == "true",
+            "run_id": r.info.run_id, "status": r.info.status, "method": p["method"],
+            "dataset": p["dataset"], "depth": int(p.get("depth", 0)),
+            "cell": t.get("cell", ""), "role": t.get("role", "trial"),
+            "chosen": t.get("chosen") == "true", "replicate_of": t.get("replicate_of", ""),
+            "teacher_run_id": t.get("teacher_run_id", ""),
             # the latest val_acc is the last epoch's: what a cell's trials are selected on
             "val_acc": m.get("val_acc", math.nan), "test_acc": m.get("test_acc", math.nan),
             "train_time": m.get("train_time", math.nan), "epochs": epochs,
@@ -60,38 +77,276 @@ def trial_runs(uri: str, exp, parent) -> list[dict[str, Any]]:
     return out
 
 
-def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per data set x depth x method: the chosen trial's val and test accuracy, its time, and
-    the AlignKD/JointRD ratio.
-
-    The chosen trial is the one its cell's study chose (tag `chosen`): the completed trial with
-    the best last-epoch validation accuracy. The time ratio compares median seconds per epoch,
-    so runs an early-stopping scheduler cut short still count fairly.
-    """
-    groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for r in runs:
-        if r["status"] != "FAILED" and not math.isnan(r["val_acc"]):
-            groups[(r["dataset"], r["depth"])][r["method"]].append(r)
-    rows = []
-    for (dataset, depth), by_method in sorted(groups.items()):
-        epoch_time = {m: statistics.median(x["epoch_time"] for x in rs)
-                      for m, rs in by_method.items()}
-        ratio = (epoch_time["alignkd"] / epoch_time["jointrd"]
-                 if {"alignkd", "jointrd"} <= set(epoch_time) else math.nan)
-        for method in sorted(by_method, key=_method_key):
-            mine = by_method[method]
-            complete = [x for x in mine if not x["stopped_early"]] or mine
-            best = next((x for x in mine if x["chosen"]), None) or \
-                max(complete, key=lambda x: x["val_acc"])
-            rows.append({"dataset": dataset, "depth": depth, "method": method,
-                         "runs": len(mine), "val_acc": best["val_acc"],
-                         "test_acc": best["test_acc"], "train_time": best["train_time"],
-                         "epoch_time": epoch_time[method], "alignkd/jointrd": ratio})
-    return rows
+def finalists(runs: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """(data set, depth, method) -> the chosen trial of its cell, then its replicates."""
+    out: dict[tuple, list[dict[str, Any]]] = {}
+    for chosen in (r for r in runs if r["chosen"] and r["role"] == "trial"):
+        again = [r for r in runs if r["role"] == "replicate" and
+                 r["replicate_of"] == chosen["run_id"] and r["status"] == "FINISHED"]
+        out[(chosen["dataset"], chosen["depth"], chosen["method"])] = [chosen, *again]
+    return out
 
 
 def _method_key(m: str) -> int:
     return METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def tables(runs: list[dict[str, Any]], teacher_acc: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per data set x student, with every method's columns (numbers, not text)."""
+    final = finalists(runs)
+    methods = sorted({k[2] for k in final}, key=_method_key)
+    rows = []
+    for dataset, depth in sorted({(k[0], k[1]) for k in final}):
+        row: dict[str, Any] = {"dataset": dataset, "student": f"Plain-{depth}"}
+        for m in methods:
+            mine = final.get((dataset, depth, m), [])
+            acc = Summary.of([r["test_acc"] for r in mine])
+            times = [r["train_time"] for r in mine if math.isfinite(r["train_time"])]
+            per_epoch = [r["epoch_time"] for r in mine if math.isfinite(r["epoch_time"])]
+            row.update({f"{m}_mean": acc.mean, f"{m}_std": acc.std, f"{m}_n": acc.n,
+                        f"{m}_min": statistics.median(times) / 60 if times else math.nan,
+                        f"{m}_s_per_epoch": statistics.median(per_epoch) if per_epoch
+                        else math.nan})
+        teachers = [teacher_acc.get(r["teacher_run_id"], math.nan)
+                    for m in methods for r in final.get((dataset, depth, m), [])[:1]]
+        row["teacher"] = next((t for t in teachers if math.isfinite(t)), math.nan)
+        if {"alignkd", "jointrd"} <= set(methods):
+            a = [r["test_acc"] for r in final.get((dataset, depth, "alignkd"), [])]
+            j = [r["test_acc"] for r in final.get((dataset, depth, "jointrd"), [])]
+            d = welch(a, j)
+            row.update({"diff": d.diff, "diff_low": d.low, "diff_high": d.high,
+                        "time_ratio": row["alignkd_s_per_epoch"] / row["jointrd_s_per_epoch"]
+                        if row["jointrd_s_per_epoch"] else math.nan,
+                        "verdict": verdict(d, "AlignKD", "JointRD")})
+        rows.append(row)
+    return rows
+
+
+def _pct(v: float) -> str:
+    return "-" if not math.isfinite(v) else f"{100 * v:.2f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The paper's layout: accuracies in %, as mean ± std (n)."""
+    if not rows:
+        return "(no cell has a chosen trial yet)"
+    methods = sorted({k.rsplit("_", 1)[0] for r in rows for k in r if k.endswith("_mean")},
+                     key=_method_key)
+    head = ["data set", "student"]
+    for m in methods:
+        name = METHOD_NAMES.get(m, m)
+        head += [f"{name} test acc (%)", f"{name} min", f"{name} s/epoch"]
+    head.append("teacher (%)")
+    compare = "diff" in rows[0]
+    if compare:
+        head += ["AlignKD − JointRD (pp), 95% CI (Welch)", "time AlignKD/JointRD", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["dataset"], r["student"]]
+        for m in methods:
+            n = r[f"{m}_n"]
+            acc = "-" if n == 0 else (f"{_pct(r[f'{m}_mean'])} ± {_pct(r[f'{m}_std'])} (n={n})"
+                                      if n > 1 else f"{_pct(r[f'{m}_mean'])} (n=1)")
+            cells += [acc, _num(r[f"{m}_min"], 1), _num(r[f"{m}_s_per_epoch"], 2)]
+        cells.append(_pct(r["teacher"]))
+        if compare:
+            ci = (f"{100 * r['diff']:+.2f} [{100 * r['diff_low']:+.2f}, "
+                  f"{100 * r['diff_high']:+.2f}]" if math.isfinite(r["diff_low"])
+                  else (f"{100 * r['diff']:+.2f} [n<2]" if math.isfinite(r["diff"]) else "n<2"))
+            cells += [ci, _num(r["time_ratio"], 2), r["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _num(v: float, digits: int) -> str:
+    return "-" if not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def teacher_accuracies(uri: str, runs: list[dict[str, Any]]) -> dict[str, float]:
+    c = client(uri)
+    out = {}
+    for run_id in {r["teacher_run_id"] for r in runs if r["teacher_run_id"]}:
+        try:
+            out[run_id] = c.get_run(run_id).data.metrics.get("test_acc", math.nan)
+        except Exception:  # noqa: BLE001 - a teacher run of another store: no figure
+            out[run_id] = math.nan
+    return out
+
+
+def importances(storage_url: str | None, search: str) -> dict[str, dict[str, float]]:
+    """cell key -> {parameter: importance}, from each cell's study (fANOVA, seeded)."""
+    if not storage_url:
+        return {}
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = {}
+    storage = optuna.storages.RDBStorage(storage_url)
+    for summary in storage.get_all_studies():
+        if not summary.study_name.startswith(f"{search}/"):
+            continue
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        varied = {k for t in done for k in t.params if len({str(u.params.get(k))
+                                                             for u in done}) > 1}
+        if len(done) < 2 or not varied or len(study.directions) > 1:
+            continue
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        try:
+            out[summary.study_name.split("/", 1)[1]] = optuna.importance.get_param_importances(
+                study, evaluator=evaluator)
+        except (RuntimeError, ValueError):
+            continue  # too few trials with every parameter set
+    return out
+
+
+def study_handles(storage_url: str | None, search: str) -> dict[str, Any]:
+    if not storage_url:
+        return {}
+    import optuna
+
+    storage = optuna.storages.RDBStorage(storage_url)
+    return {s.study_name.split("/", 1)[1]: optuna.load_study(study_name=s.study_name,
+                                                             storage=storage)
+            for s in storage.get_all_studies() if s.study_name.startswith(f"{search}/")}
+
+
+def _slug(key: str) -> str:
+    from tuning.search.cells import Cell
+
+    return Cell(tuple(tuple(kv.split("=", 1)) for kv in key.split(",") if "=" in kv)).slug \
+        if key != "all" else "all"
+
+
+def plot_replicates(runs: list[dict[str, Any]], out: Path) -> Path | None:
+    """Per data set x depth: each method's runs (chosen + replicates) as points, with the
+    mean and its 95% t interval, one colour per method in every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    final = finalists(runs)
+    panels = sorted({(k[0], k[1]) for k in final})
+    if not panels:
+        return None
+    methods = sorted({k[2] for k in final}, key=_method_key)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.6),
+                             squeeze=False, sharey=True)
+    for ax, (dataset, depth) in zip(axes[0], panels, strict=True):
+        for x, m in enumerate(methods):
+            accs = [100 * r["test_acc"] for r in final.get((dataset, depth, m), [])
+                    if math.isfinite(r["test_acc"])]
+            if not accs:
+                continue
+            jitter = [x + 0.08 * (i - (len(accs) - 1) / 2) for i in range(len(accs))]
+            ax.scatter(jitter, accs, color=COLOURS.get(m, "k"), alpha=0.6, s=18, zorder=2)
+            s = Summary.of(accs)
+            err = [[s.mean - s.low], [s.high - s.mean]] if s.n > 1 else None
+            ax.errorbar([x + 0.3], [s.mean], yerr=err, fmt="D", color=COLOURS.get(m, "k"),
+                        capsize=4, zorder=3)
+        ax.set_xticks(range(len(methods)), [METHOD_NAMES.get(m, m) for m in methods])
+        ax.set_xlim(-0.5, len(methods) - 0.3)
+        ax.set_title(f"{dataset}, Plain-{depth}")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    fig.suptitle("each cell's chosen trial and its replicates: runs, mean and 95% CI")
+    fig.tight_layout()
+    path = out / "replicates.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_importances(imp: dict[str, dict[str, float]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for cell, values in imp.items():
+        names = sorted(values, key=values.get)
+        fig, ax = plt.subplots(figsize=(5, 0.35 * len(names) + 1.2))
+        ax.barh(names, [values[n] for n in names], color="#1f77b4")
+        ax.set(xlabel="importance (fANOVA, share of the variance)",
+               title=f"which hyperparameters mattered: {cell}")
+        fig.tight_layout()
+        path = out / f"importance-{_slug(cell)}.png"
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_parallel(studies: dict[str, Any], out: Path) -> list[Path]:
+    """Optuna's parallel-coordinates plot of each cell's completed trials, drawn with
+    matplotlib (Optuna's matplotlib backend), so no plotly is needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization.matplotlib import plot_parallel_coordinate
+
+    paths = []
+    for cell, study in studies.items():
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(done) < 2 or not done[0].params or len(study.directions) > 1:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+            ax = plot_parallel_coordinate(study, target_name="val accuracy, last epoch")
+        fig = ax.figure
+        fig.set_size_inches(max(6, 1.2 * len(done[0].params) + 2), 4)
+        ax.set_title(f"trials of {cell} (completed)")
+        fig.tight_layout()
+        path = out / f"parallel-{_slug(cell)}.png"
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def build(uri: str, name: str | None, out: Path | None = None, *,
+          log_to_parent: bool = True) -> tuple[str, list[Path]]:
+    """The tables, importances and figures; all logged to the search's parent run."""
+    exp, parent = find_search(uri, name)
+    runs = search_runs(uri, exp, parent)
+    rows = tables(runs, teacher_accuracies(uri, runs))
+    out = Path(out or Path("reports") / exp.name)
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(rows)
+    storage = parent.data.params.get("optuna_storage")
+    imp = importances(storage, exp.name)
+    top = [f"- {cell}: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                     sorted(vals.items(), key=lambda kv: -kv[1])[:3])
+           for cell, vals in imp.items()]
+    trials = sum(r["role"] == "trial" for r in runs)
+    replicates = sum(r["role"] == "replicate" for r in runs)
+    text = (f"search {exp.name}: {trials} trial runs, {replicates} replicate runs\n{md}\n"
+            + ("\nhyperparameter importance per cell (fANOVA on the cell's study):\n"
+               + "\n".join(top) if top else ""))
+    files = [out / "tables.md", out / "tables.csv"]
+    atomic_write_text(files[0], f"# {exp.name}\n\n{md}\n" + ("\n" + "\n".join(top) + "\n"
+                                                              if top else ""))
+    atomic_write_text(files[1], csv_text(rows))
+    pngs = [p for p in (plot_replicates(runs, out),) if p is not None]
+    pngs += plot_importances(imp, out)
+    pngs += plot_parallel(study_handles(storage, exp.name), out)
+    pngs += plot_curves(uri, runs, out)
+    if log_to_parent:
+        for path in [*files, *pngs]:
+            client(uri).log_artifact(parent.info.run_id, str(path), artifact_path="report")
+    return text, [*files, *pngs]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -104,101 +359,84 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot(uri: str, runs: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Validation accuracy per epoch (best run per method), and accuracy against time."""
+def plot_curves(uri: str, runs: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Validation accuracy per epoch of each cell's chosen trial, and accuracy against time
+    of the completed trials with each panel's Pareto front."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    out.mkdir(parents=True, exist_ok=True)
+    trials = [r for r in runs if r["role"] == "trial"]
+    groups = sorted({(r["dataset"], r["depth"]) for r in trials})
+    if not groups:
+        return []
     c = client(uri)
-    groups = sorted({(r["dataset"], r["depth"]) for r in runs})
-    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5 * max(len(groups), 1), 4),
-                             squeeze=False)
-    for ax, (dataset, depth) in zip(axes[0], groups, strict=False):
-        for method in sorted({r["method"] for r in runs}, key=_method_key):
-            mine = [r for r in runs if (r["dataset"], r["depth"], r["method"]) ==
-                    (dataset, depth, method) and not math.isnan(r["val_acc"])]
-            if not mine:
-                continue
-            best = max(mine, key=lambda r: r["val_acc"])
-            hist = sorted(c.get_metric_history(best["run_id"], "val_acc"), key=lambda m: m.step)
-            ax.plot([m.step for m in hist], [m.value for m in hist], marker="o", label=method)
-        ax.set(title=f"{dataset}, depth {depth}", xlabel="epoch", ylabel="validation accuracy")
+    methods = sorted({r["method"] for r in trials}, key=_method_key)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False,
+                             sharey=True)
+    for ax, (dataset, depth) in zip(axes[0], groups, strict=True):
+        for m in methods:
+            chosen = [r for r in trials if (r["dataset"], r["depth"], r["method"]) ==
+                      (dataset, depth, m) and r["chosen"]]
+            for r in chosen:
+                hist = sorted(c.get_metric_history(r["run_id"], "val_acc"), key=lambda h: h.step)
+                ax.plot([h.step for h in hist], [100 * h.value for h in hist], marker="o",
+                        color=COLOURS.get(m, "k"), label=METHOD_NAMES.get(m, m))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(title=f"{dataset}, Plain-{depth}", xlabel="epoch")
         ax.legend()
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    fig.suptitle("each cell's chosen trial")
     fig.tight_layout()
     curves = out / "val_acc_per_epoch.png"
-    fig.savefig(curves, dpi=100)
+    fig.savefig(curves, dpi=DPI)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ok = [r for r in runs if not math.isnan(r["val_acc"]) and not math.isnan(r["train_time"])]
-    for method in sorted({r["method"] for r in ok}, key=_method_key):
-        mine = [r for r in ok if r["method"] == method]
-        ax.scatter([r["train_time"] for r in mine], [r["val_acc"] for r in mine], label=method,
-                   marker="x" if method == "jointrd" else "o")
-    front = pareto_front([(r["train_time"], r["val_acc"]) for r in ok])
-    if front:
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k",
-                linestyle="--", label="Pareto front")
-    ax.set(xlabel="training time (s)", ylabel="best validation accuracy",
-           title="accuracy against training time")
-    ax.legend()
+    done = [r for r in trials if not r["stopped_early"] and r["status"] == "FINISHED"
+            and math.isfinite(r["val_acc"]) and math.isfinite(r["train_time"])]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False,
+                             sharey=True)
+    for ax, (dataset, depth) in zip(axes[0], groups, strict=True):
+        for m in methods:
+            mine = [r for r in done if (r["dataset"], r["depth"], r["method"]) ==
+                    (dataset, depth, m)]
+            ax.scatter([r["train_time"] for r in mine], [100 * r["val_acc"] for r in mine],
+                       color=COLOURS.get(m, "k"), label=METHOD_NAMES.get(m, m), s=20)
+            front = pareto_front([(r["train_time"], 100 * r["val_acc"]) for r in mine])
+            if len(front) > 1:
+                ax.step([p[0] for p in front], [p[1] for p in front], where="post",
+                        color=COLOURS.get(m, "k"), linestyle="--", linewidth=1)
+        ax.set(title=f"{dataset}, Plain-{depth}", xlabel="training time (s)")
+        ax.legend()
+    axes[0][0].set_ylabel("validation accuracy, last epoch (%)")
+    fig.suptitle("completed trials; dashed: each method's Pareto front")
     fig.tight_layout()
     tradeoff = out / "acc_vs_time.png"
-    fig.savefig(tradeoff, dpi=100)
+    fig.savefig(tradeoff, dpi=DPI)
     plt.close(fig)
     return [curves, tradeoff]
 
 
-def table_text(rows: list[dict[str, Any]]) -> str:
-    cols = ["dataset", "depth", "method", "runs", "val_acc", "test_acc", "train_time",
-            "epoch_time", "alignkd/jointrd"]
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return "-" if math.isnan(v) else f"{v:.4g}"
-        return str(v)
-
-    cells = [[fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c)
-              for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(x, widths, strict=True)) for x in cells]
-    return "\n".join(lines)
-
-
-def build(uri: str, name: str | None, out: Path | None = None, *,
-          log_to_parent: bool = True) -> tuple[str, list[Path]]:
-    """The comparison table and the plots; the plots are logged to the search's parent run."""
-    exp, parent = find_search(uri, name)
-    runs = trial_runs(uri, exp, parent)
-    text = table_text(comparison(runs))
-    out = Path(out or Path("reports") / exp.name)
-    pngs = plot(uri, runs, out) if runs else []
-    if log_to_parent:
-        for png in pngs:
-            client(uri).log_artifact(parent.info.run_id, str(png), artifact_path="plots")
-    return f"search {exp.name}: {len(runs)} trial runs\n{text}", pngs
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tuning.report", description=__doc__)
+    p = argparse.ArgumentParser(prog="tuning.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", nargs="?", help="the search's name (default: the newest search)")
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--out", default=None, help="folder for the PNGs (default reports/NAME)")
+    p.add_argument("--out", default=None, help="folder for the tables and figures "
+                                                "(default reports/NAME)")
     args = p.parse_args(argv)
     uri = default_tracking_uri(args.tracking_uri)
     try:
         check_reachable(uri)
-        text, pngs = build(uri, args.name, Path(args.out) if args.out else None)
+        text, files = build(uri, args.name, Path(args.out) if args.out else None)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(text)
-    for png in pngs:
-        print(f"plot: {png}")
+    for path in files:
+        print(f"written: {path}")
     return 0
 
 

@@ -21,12 +21,14 @@ from tuning.search.tracking import check_reachable, default_tracking_uri
 
 # The smoke search: digits and thin networks, but still two cells (depth 18 and 34).
 SMOKE = {"dataset": "digits", "width": 8, "batch_size": 64}
-SMOKE_SETTINGS = {"epochs": 4, "teacher_epochs": 4, "num_samples": 3, "max_concurrent": 2}
+SMOKE_SETTINGS = {"epochs": 4, "teacher_epochs": 4, "num_samples": 3, "max_concurrent": 2,
+                  "replicates": 2}
 SETTINGS_FILE = "search.yaml"
 # Settings a resumed search keeps from its search.yaml; giving another value is refused.
 KEPT_ON_RESUME = ("num_samples", "max_concurrent", "epochs", "teacher_epochs", "seed",
-                  "scheduler", "objective", "gpus_per_trial", "cpus_per_trial")
+                  "scheduler", "objective", "gpus_per_trial", "cpus_per_trial", "replicates")
 DEFAULTS = {"num_samples": 20, "scheduler": "asha", "objective": "acc", "cpus_per_trial": 1.0,
+            "replicates": 3,
             "storage_path": "ray_results", "data_root": "datasets", "teacher_store": "teachers"}
 
 
@@ -51,6 +53,10 @@ def build_parser() -> Parser:
                         "a space of fixed settings one trial per cell)")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at once, over all cells (default: as many as resources allow)")
+    p.add_argument("--replicates", type=int, default=None, metavar="N",
+                   help="after the search, train each cell's chosen trial N more times with new "
+                        "seeds, for the spread of its test accuracy (default 3, --smoke 2; "
+                        "0: none)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the space's, or 200)")
     p.add_argument("--teacher-epochs", type=int, help="epochs per teacher (default: --epochs)")
     p.add_argument("--gpus-per-trial", type=float, default=None,
@@ -102,6 +108,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError("--set eta_span and --set eta_epochs say the same thing; keep one")
         out["eta_span"] = span
     return out
+
+
+def check_count(n: int | None) -> None:
+    if n is not None and n < 0:
+        raise UserError(f"--replicates must be 0 (none) or more; got {n}")
 
 
 def check_address(address: str | None) -> None:
@@ -159,7 +170,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.smoke:
         overrides = {**SMOKE, **overrides}
         settings.update({k: v for k, v in SMOKE_SETTINGS.items() if settings[k] is None})
-    for key in ("num_samples", "scheduler", "objective", "cpus_per_trial"):
+    for key in ("num_samples", "scheduler", "objective", "cpus_per_trial", "replicates"):
         settings[key] = DEFAULTS[key] if settings[key] is None else settings[key]
     overrides["data_root"] = str(Path(args.data_root or DEFAULTS["data_root"]).resolve())
     if settings["seed"] is not None:
@@ -171,6 +182,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     epochs = fixed.get("epochs", RunConfig.epochs)
     settings["epochs"] = epochs
     settings["teacher_epochs"] = settings["teacher_epochs"] or epochs
+    check_count(settings["replicates"])
     if settings["num_samples"] < 1:
         raise UserError(f"--num-samples must be at least 1; got {settings['num_samples']}")
     settings["max_concurrent"] = settings["max_concurrent"] or 0  # 0: no limit

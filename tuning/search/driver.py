@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from tuning.config import RunConfig
 from tuning.search import results as res
 from tuning.search import tracking
 from tuning.search.cells import Cell
+from tuning.search.replicates import COLUMNS as REPLICATE_COLUMNS
+from tuning.search.replicates import run_replicates
+from tuning.search.replicates import write_rows as write_replicates
 from tuning.search.results import error_reason
 from tuning.search.space import Space
 from tuning.search.studies import (
@@ -68,8 +72,10 @@ class TrialRunStatus(tune.Callback):
             self.tracker.end_trial_run(run_id, "FINISHED", stopped_early=True)
 
 
-def close_unrecorded_runs(tracker: tracking.Tracker, rows: list[dict[str, Any]]) -> None:
-    """End the runs of trials a killed driver started but never recorded in its state.
+def close_unrecorded_runs(tracker: tracking.Tracker, rows: list[dict[str, Any]],
+                          role: str = "trial") -> None:
+    """End the runs of trials (or replicates) a killed driver started but never recorded in
+    its state.
 
     Tune restores only the trials its last saved state holds, so such a trial is not
     continued; without this its run would stay RUNNING for ever.
@@ -80,6 +86,8 @@ def close_unrecorded_runs(tracker: tracking.Tracker, rows: list[dict[str, Any]])
         filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}' and "
                       "attributes.status = 'RUNNING'", max_results=10000)
     for run in runs:
+        if run.data.tags.get("role", "trial") != role:
+            continue  # the other phase's runs
         if run.data.tags.get("ray_trial_id") not in known:
             tracker.end_trial_run(run.info.run_id, "KILLED", stopped_early=True,
                                   reason="the search driver was killed before it recorded this "
@@ -145,14 +153,45 @@ def settle_studies(book: StudyBook, cells: list[Cell], rows: list[dict[str, Any]
                  epochs=epochs)
 
 
-def measure_tests(chosen: dict[str, dict[str, Any]], settings: dict[str, Any]) -> None:
-    """Each cell's chosen trial on the test split, once, as parallel Ray tasks."""
+def measure_tests(book: StudyBook, cells: list[Cell], chosen: dict[str, dict[str, Any]],
+                  settings: dict[str, Any]) -> None:
+    """Each cell's chosen trial on the test split, once, as parallel Ray tasks. The figure is
+    kept in the cell's study; a resumed driver reads it from there, not from the test set."""
+    by_key = {c.key: c for c in cells}
+    todo = {}
+    for key, row in chosen.items():
+        kept = book.study(by_key[key]).user_attrs.get("chosen", {})
+        if kept.get("ray_trial_id") == row["trial_id"] and "test_acc" in kept:
+            row["test_acc"] = kept["test_acc"]
+        elif row["_result"].checkpoint is not None:
+            todo[key] = row
     task = ray.remote(num_cpus=settings["cpus_per_trial"],
                       num_gpus=settings["gpus_per_trial"])(res.stored_test_accuracy)
-    refs = {cell: task.remote(row["_config"], row["_result"].checkpoint, int(row["epochs"]))
-            for cell, row in chosen.items() if row["_result"].checkpoint is not None}
-    for cell, ref in refs.items():
-        chosen[cell]["test_acc"] = ray.get(ref)
+    refs = {key: task.remote(row["_config"], row["_result"].checkpoint, int(row["epochs"]))
+            for key, row in todo.items()}
+    for key, ref in refs.items():
+        row = chosen[key]
+        row["test_acc"] = ray.get(ref)
+        book.study(by_key[key]).set_user_attr("chosen", {
+            "study_trial": row["study_trial"], "ray_trial_id": row["trial_id"],
+            "val_acc": row["val_acc"], "test_acc": row["test_acc"]})
+
+
+def replicate_phase(settings: dict[str, Any], context: SearchContext, tracker: tracking.Tracker,
+                    chosen: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """Train each chosen trial again with new seeds (settings["replicates"] times)."""
+    t0 = time.perf_counter()
+    rows = run_replicates(settings, context, chosen, settings["replicates"],
+                          callbacks=[TrialRunStatus(tracker, settings["epochs"])])
+    tracking.settle_trial_runs(tracker, rows)
+    close_unrecorded_runs(tracker, rows, role="replicate")
+    write_replicates(rows, folder)
+    print("\nreplicates (the chosen trials again, with new seeds; test accuracy measured once "
+          "each)")
+    print(res.table_text(rows, [c for c in REPLICATE_COLUMNS if c != "error"]))
+    seconds = time.perf_counter() - t0
+    print(f"replicate phase: {seconds:.0f} s", flush=True)
+    return rows
 
 
 def run_search(settings: dict[str, Any], space: Space, *, address: str | None, resume: bool,
@@ -174,6 +213,7 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
                      multi_objective=settings["objective"] == "acc-time",
                      budget=settings["num_samples"])
     started = ensure_ray(address)
+    t_start = time.perf_counter()
     status = "KILLED"
     try:
         teachers = train_teachers(space, settings)
@@ -220,16 +260,13 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
         settle_studies(book, cells, rows, settings["epochs"])
         res.mark_pareto(rows)
         chosen = res.choose(rows)
-        measure_tests(chosen, settings)
+        measure_tests(book, cells, chosen, settings)
         configs = {}
         for cell_key, row in chosen.items():
             cell = next(c for c in cells if c.key == cell_key)
             path = folder / "best" / f"{cell.slug}.yaml"
             atomic_write_text(path, row["_config"].to_yaml())
             configs[cell_key] = str(path)
-            book.study(cell).set_user_attr("chosen", {
-                "study_trial": row["study_trial"], "ray_trial_id": row["trial_id"],
-                "val_acc": row["val_acc"], "test_acc": row["test_acc"]})
         tracking.settle_trial_runs(tracker, rows)
         close_unrecorded_runs(tracker, rows)
         res.write_csv(rows, folder / "results.csv")
@@ -238,13 +275,22 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
         print(res.table_text(rows))
         print("\nper cell (val_acc: the chosen trial's last epoch; test_acc: the same weights)")
         print(res.table_text(cell_table, res.CELL_COLUMNS[:-1]))
+        searched_s = time.perf_counter() - t_start
+        print(f"search phase: {searched_s:.0f} s", flush=True)
+        replicated = []
+        if settings.get("replicates", 0) and chosen:
+            finals = [{"cell": key, "trial_id": row["trial_id"],
+                       "run_id": row.get("mlflow_run_id"), "config": row["_config"]}
+                      for key, row in chosen.items()]
+            replicated = replicate_phase(settings, context, tracker, finals, folder)
         try:
-            report_text, _ = report.build(tracker.uri, settings["name"], folder / "plots")
+            report_text, _ = report.build(tracker.uri, settings["name"], folder / "report")
             print(report_text)
         except Exception as err:  # noqa: BLE001 - plots are a convenience; never lose a search
             print(f"warning: the comparison plots failed ({err}); the results are intact")
         status = "FINISHED"
         tracking.finish_parent(tracker, [folder / "results.csv", folder / "cells.csv",
+                                         *([folder / "replicates.csv"] if replicated else []),
                                          folder / SETTINGS_NAME, *map(Path, configs.values())],
                                chosen)
         empty = [c.label for c in cells if c.key not in chosen]

@@ -60,6 +60,14 @@ def promotes(value: float, compared: list[float], reduction_factor: int) -> bool
     return value >= ranked[keep - 1]
 
 
+class CellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler for ask-and-tell: it never calls Study.stop, which only works
+    inside Study.optimize. The cell's budget (the grid's size) ends the cell instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def cell_seed(seed: int, cell: Cell) -> int:
     return int(hashlib.sha256(f"{seed}/{cell.key}".encode()).hexdigest()[:8], 16)
 
@@ -89,7 +97,7 @@ class StudyBook:
     def sampler(self, cell: Cell) -> optuna.samplers.BaseSampler:
         seed = cell_seed(self.seed, cell)
         if self.space.kind == "grid":
-            return optuna.samplers.GridSampler(SpaceSampler(self.space).grid_space(), seed=seed)
+            return CellGridSampler(SpaceSampler(self.space).grid_space(), seed=seed)
         if self.space.kind == "fixed":
             return optuna.samplers.RandomSampler(seed=seed)  # nothing is sampled
         # TPE (multi-objective TPE for acc-time); its random start-up is at most half the

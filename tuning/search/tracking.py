@@ -153,14 +153,20 @@ class Tracker:
                 "search": self.search_name, "git_commit": self.commit, "device": device_name(),
                 "method": cfg.method, "dataset": cfg.dataset, "stopped_early": "false",
                 "cell": str(sample.get("cell", "")),
-                "study_trial": str(sample.get("study_trial", ""))}
+                "role": "replicate" if "replicate" in sample else "trial"}
+        if "replicate" in sample:  # the chosen trial it repeats, with another seed
+            tags.update(replicate=str(sample["replicate"]),
+                        replicate_of=str(sample.get("replicate_of_run", "")),
+                        replicate_of_trial=str(sample.get("replicate_of", "")))
+        else:
+            tags["study_trial"] = str(sample.get("study_trial", ""))
         if teacher_run:
             tags["teacher_run_id"] = teacher_run
         c = client(self.uri)
         run = c.create_run(self.experiment_id, run_name=trial_name, tags=tags)
-        log_params(self.uri, run.info.run_id, {**config_params(cfg),
-                                                **{f"sampled.{k}": v for k, v in sample.items()
-                                                   if k not in ("cell", "study_trial")}})
+        sampled = {} if "replicate" in sample else {
+            f"sampled.{k}": v for k, v in sample.items() if k not in ("cell", "study_trial")}
+        log_params(self.uri, run.info.run_id, {**config_params(cfg), **sampled})
         return run.info.run_id
 
     def resume_trial_run(self, run_id: str) -> None:
@@ -251,9 +257,10 @@ def settle_trial_runs(tracker: Tracker, rows: list[dict[str, Any]]) -> None:
         if run_id is None:
             continue
         row["mlflow_run_id"] = run_id
-        c.set_tag(run_id, "chosen", str(bool(row.get("chosen"))).lower())
-        if not math.isnan(row.get("test_acc", math.nan)):
-            c.log_metric(run_id, "test_acc", row["test_acc"])
+        if "chosen" in row:  # a search trial; a replicate logged its own test accuracy
+            c.set_tag(run_id, "chosen", str(bool(row["chosen"])).lower())
+            if not math.isnan(row.get("test_acc", math.nan)):
+                c.log_metric(run_id, "test_acc", row["test_acc"])
         if c.get_run(run_id).info.status != "RUNNING":
             continue
         if row["status"] == "ERROR":

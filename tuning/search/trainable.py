@@ -34,10 +34,13 @@ class SearchContext:
     tracker: Tracker | None = None
     teacher_runs: dict[str, str] = field(default_factory=dict)  # teacher path -> its run id
     experiment_path: str | None = None  # the search's folder in Tune's storage (path or URI)
+    evaluate_test: bool = False  # replicates measure their test accuracy; search trials don't
 
     def run_config(self, sample: dict[str, Any]) -> RunConfig:
         """The trial's RunConfig: the space's fixed values, its cell and sample, and its
-        teacher's path."""
+        teacher's path; a replicate carries its whole config."""
+        if "config" in sample:
+            return RunConfig.from_dict(dict(sample["config"]), source="a replicate's config")
         cfg = RunConfig(**trial_values(self.space, sample))
         if cfg.method != "ce" and not cfg.teacher:
             recipe = teacher_recipe(cfg, self.teacher_epochs)
@@ -245,14 +248,14 @@ def run_trial(config: dict[str, Any], context: SearchContext) -> None:
     try:
         try:
             train(cfg, run_dir, listeners=listeners, resume_from=resume_from,
-                  evaluate_test=False, quiet=True, checkpoint_extra=extra)
+                  evaluate_test=context.evaluate_test, quiet=True, checkpoint_extra=extra)
         except CheckpointError as err:
             if resume_from is None:
                 raise
             warnings.warn(f"{err}; starting the trial afresh", stacklevel=2)
             resume_from.unlink(missing_ok=True)
-            train(cfg, run_dir, listeners=listeners, evaluate_test=False, quiet=True,
-                  checkpoint_extra=extra)
+            train(cfg, run_dir, listeners=listeners, evaluate_test=context.evaluate_test,
+                  quiet=True, checkpoint_extra=extra)
     except Exception as err:
         if run_id is not None:
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
