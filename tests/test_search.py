@@ -80,8 +80,10 @@ def test_smoke_search_runs_two_cells_each_with_its_chosen_and_tested_trial(ray_s
     parent = next(r for r in runs if r.data.tags.get("role") == "search")
     logged = {a.path for a in mlflow.list_artifacts(parent.info.run_id, "report")}
     assert {"report/tables.md", "report/tables.csv", "report/replicates.png",
-            "report/importance-depth-18.png", "report/parallel-depth-18.png",
-            "report/importance-depth-34.png", "report/parallel-depth-34.png"} <= logged
+            "report/parallel-depth-18.png", "report/parallel-depth-34.png"} <= logged
+    for cell, study in found.items():  # importance needs values that vary
+        if len({t.value for t in study.trials}) > 1:
+            assert f"report/importance-{cell.replace('=', '-')}.png" in logged
     table = (root / "ray" / "smoke" / "report" / "tables.md").read_text()
     assert "| digits | Plain-18 |" in table and "| digits | Plain-34 |" in table
     assert table.count("(n=3)") == 2
@@ -102,6 +104,8 @@ def test_optuna_dashboard_shows_each_cells_study(root):
     import socket
     import urllib.request
 
+    if not (root / "optuna.db").is_file():
+        pytest.skip("needs the smoke search of this module")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -255,7 +259,9 @@ def test_resume_after_the_driver_is_killed(ray_session, root, tmp_path):
     assert main(search_args(root, name, "--resume", depth=None)) == 0
     table = rows(root, name)
     assert len(table) == 4 and len({r["trial_id"] for r in table}) == 4
-    assert all(r["status"] == "STOPPED_EARLY" or r["epochs"] == "3" for r in table), table
+    assert all((r["status"], r["epochs"] == "3") in (("TERMINATED", True),
+                                                      ("STOPPED_EARLY", False))
+               for r in table), table
     # Each study: no trial lost twice or duplicated, each in the state Tune gave it.
     found = check_studies_agree_with_tune(root, name, per_cell=2)
     assert all(len(rows_) == 1 for rows_ in [

@@ -225,9 +225,13 @@ def test_spearman_against_hand_worked_values_and_scipy():
     result = cell_correlation(curves, rung=2, epochs=3)
     assert result["trials"] == 3 and result["rho_at_rung"] == pytest.approx(0.5)  # d = 1, -1, 0
     assert result["rho_by_epoch"][3] == pytest.approx(1.0)
+    # Halving at epoch 2 in trial order: 0.3 goes on; 0.2 < 0.3 stops; 0.4 is the best of 3.
+    assert result["replay"] == {"rungs": [2], "ran_to_the_end": 2, "best_kept": 0.6,
+                                "best": 0.6, "regret": 0.0,
+                                "epoch_share": pytest.approx((3 + 2 + 3) / 9)}
 
 
-def test_a_grid_cell_runs_each_point_once_and_its_tell_does_not_stop_a_study(tmp_path):
+def test_a_grid_cell_runs_each_point_once(tmp_path):
     space = parse_space("fixed: {method: alignkd}\nacross: {depth: [18, 34]}\n"
                         "grid:\n  lr: [0.01, 0.02, 0.03]\n", source="g.yaml", name="g")
     book = StudyBook(f"sqlite:///{tmp_path / 'g.db'}", "s", space, seed=0,
@@ -242,3 +246,55 @@ def test_a_grid_cell_runs_each_point_once_and_its_tell_does_not_stop_a_study(tmp
         searcher.on_trial_complete(tid, {"epoch": 1, "val_acc": 0.5})
     assert all(t.state == TrialState.COMPLETE for c in space.cells()
                for t in book.study(c).trials)
+
+
+def test_a_resumed_driver_does_not_replay_its_samplers_first_proposals(book, tmp_path):
+    searcher = CellSearcher(book, book.space.cells(), epochs=4)
+    first = [c["alpha"] for _, c in ask(searcher, 2)]
+    searcher.save(str(tmp_path / "state.json"))
+    again = StudyBook(book.storage_url, "s", book.space, seed=0, multi_objective=False,
+                      budget=3)  # a new driver process: new samplers, same storage and seed
+    resumed = CellSearcher(again, again.space.cells(), epochs=4)
+    resumed.restore(str(tmp_path / "state.json"))
+    later = [resumed.suggest(f"r{i}")["alpha"] for i in range(2)]
+    assert not set(later) & set(first)
+
+
+def test_a_grid_point_lost_with_a_killed_driver_is_run_again_not_skipped(tmp_path):
+    space = parse_space("fixed: {method: alignkd}\ngrid:\n  lr: [0.01, 0.02, 0.03]\n",
+                        source="g.yaml", name="g")
+    book = StudyBook(f"sqlite:///{tmp_path / 'g.db'}", "s", space, seed=0,
+                     multi_objective=False, budget=99)
+    searcher = CellSearcher(book, space.cells(), epochs=1)
+    ask(searcher, 1)
+    searcher.save(str(tmp_path / "state.json"))  # Tune recorded t0 ...
+    searcher.suggest("t1")                        # ... but not t1: lost with the driver
+    resumed = CellSearcher(book, space.cells(), epochs=1)
+    resumed.restore(str(tmp_path / "state.json"))
+    assert [resumed.suggest(f"r{i}") is not Searcher.FINISHED for i in range(3)] == [
+        True, True, False]
+    cell = space.cells()[0]
+    assert sorted(t.params["lr"] for t in book.counted(cell)) == [0.01, 0.02, 0.03]
+
+
+def test_a_decision_the_study_never_heard_of_still_stops_the_trial(book):
+    """Killed between recording a stop and telling the study: after the resume the trial may
+    report an epoch past its rung; it stops, PRUNED."""
+    searcher = CellSearcher(book, book.space.cells(), epochs=8)
+    scheduler = CellScheduler(book, (2, 4), 2)
+    configs = dict(ask(searcher, 1))
+    cell = book.space.cells()[0]
+    frozen = book.trial(cell, 0)
+    book.storage.set_trial_user_attr(frozen._trial_id, "asha_epoch_2", {
+        "epoch": 2, "value": 0.1, "go_on": False, "cell": cell.key, "compared": []})
+    assert drive(book, scheduler, configs["t0"], 3, 0.5) == TrialScheduler.STOP
+    assert book.trial(cell, 0).state == TrialState.PRUNED
+
+
+def test_a_trial_its_study_failed_stops_when_tune_runs_it_again(book):
+    searcher = CellSearcher(book, book.space.cells(), epochs=8)
+    scheduler = CellScheduler(book, (2,), 2)
+    configs = dict(ask(searcher, 1))
+    searcher.on_trial_complete("t0", None, error=True)  # told; Tune's save came before
+    assert drive(book, scheduler, configs["t0"], 1, 0.5) == TrialScheduler.STOP
+    assert book.trial(book.space.cells()[0], 0).state == TrialState.FAIL

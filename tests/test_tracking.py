@@ -48,11 +48,12 @@ def test_one_experiment_one_parent_and_a_nested_run_per_trial(searched):
     assert {"space", "sampler", "scheduler", "num_samples", "seed"} <= set(p.data.params)
     assert p.data.params["sampler"] == "tpe" and p.data.params["num_samples"] == "2"
     artifacts = {a.path for a in mlflow.list_artifacts(p.info.run_id)}
-    assert {"results.csv", "cells.csv", "best", "search.yaml", "plots"} <= artifacts
+    assert {"results.csv", "cells.csv", "best", "search.yaml", "report"} <= artifacts
     chosen = {a.path for a in mlflow.list_artifacts(p.info.run_id, "best")}
     assert chosen == {"best/method-alignkd.yaml", "best/method-jointrd.yaml"}
-    plots = {a.path for a in mlflow.list_artifacts(p.info.run_id, "plots")}
-    assert {"plots/val_acc_per_epoch.png", "plots/acc_vs_time.png"} <= plots
+    plots = {a.path for a in mlflow.list_artifacts(p.info.run_id, "report")}
+    assert {"report/val_acc_per_epoch.png", "report/acc_vs_time.png", "report/tables.md",
+            "report/replicates.png"} <= plots
     assert all(c.data.tags["mlflow.parentRunId"] == p.info.run_id for c in children)
     assert {r.info.status for r in [p, *children]} == {"FINISHED"}
 
@@ -98,31 +99,14 @@ def test_trial_runs_hold_params_curves_tags_and_artifacts(searched):
                    for r in mine if r is not best)
 
 
-def test_report_prints_the_comparison_and_writes_plots(searched, tmp_path):
-    text, pngs = report.build(tracking_uri(searched), "tracked", tmp_path, log_to_parent=False)
-    assert "search tracked: 4 trial runs" in text
-    assert "digits" in text and ("alignkd" in text or "jointrd" in text)
-    for png in pngs:
+def test_report_prints_the_tables_and_writes_plots(searched, tmp_path):
+    text, files = report.build(tracking_uri(searched), "tracked", tmp_path,
+                               log_to_parent=False)
+    assert "search tracked: 4 trial runs, 0 replicate runs" in text
+    assert "| digits | Plain-18 |" in text and "AlignKD" in text and "JointRD" in text
+    assert "n<2" in text  # one run per method: no interval, and the report still succeeds
+    for png in (f for f in files if f.suffix == ".png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-
-
-def test_report_ratio_and_pareto_front_from_records():
-    runs = [
-        {"run_id": "a", "status": "FINISHED", "method": "alignkd", "dataset": "c", "depth": 18,
-         "val_acc": 0.9, "test_acc": 0.88, "train_time": 90.0, "epochs": 10, "epoch_time": 9.0,
-         "chosen": True, "stopped_early": False},
-        {"run_id": "b", "status": "FINISHED", "method": "jointrd", "dataset": "c", "depth": 18,
-         "val_acc": 0.91, "test_acc": 0.9, "train_time": 120.0, "epochs": 10, "epoch_time": 12.0,
-         "chosen": True, "stopped_early": False},
-        {"run_id": "c", "status": "FAILED", "method": "jointrd", "dataset": "c", "depth": 18,
-         "val_acc": 0.99, "test_acc": 0.0, "train_time": 1.0, "epochs": 1, "epoch_time": 1.0,
-         "chosen": False, "stopped_early": False},
-    ]
-    table = report.comparison(runs)
-    assert [r["method"] for r in table] == ["alignkd", "jointrd"]
-    assert table[0]["alignkd/jointrd"] == pytest.approx(0.75)
-    assert table[1]["val_acc"] == 0.91  # the failed run is not a result
-    assert report.pareto_front([(1, 0.5), (2, 0.4), (3, 0.7), (4, 0.6)]) == [(1, 0.5), (3, 0.7)]
 
 
 def test_a_diverging_trial_is_failed_with_its_reason_and_the_search_goes_on(ray_session,

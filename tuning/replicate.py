@@ -118,7 +118,10 @@ def _run(settings, space, chosen, folder: Path, address: str | None) -> int:
                                 teacher_epochs=settings["teacher_epochs"],
                                 search_name=settings["name"], tracker=tracker,
                                 teacher_runs=teacher_runs)
-        replicate_phase(settings, context, tracker, chosen, folder)
+        if replicate_phase(settings, context, tracker, chosen, folder) is None:
+            print(f"\nthe replicates were interrupted; run the same command again to continue "
+                  f"them: python -m tuning.replicate {settings['name']}", flush=True)
+            return 130
         text, _ = report.build(tracker.uri, settings["name"], folder / "report")
         print(text)
         tracking.finish_parent(tracker, [folder / "replicates.csv"], {})

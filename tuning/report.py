@@ -77,13 +77,30 @@ def search_runs(uri: str, exp, parent) -> list[dict[str, Any]]:
     return out
 
 
+def _cell_values(cell: str) -> list[tuple[str, str]]:
+    return [tuple(kv.split("=", 1)) for kv in cell.split(",") if "=" in kv]
+
+
+def row_key(run: dict[str, Any]) -> tuple:
+    """A table row: the run's cell without its method, so that the methods of one data set
+    and student sit side by side, and cells that differ in anything else stay apart."""
+    rest = tuple((k, v) for k, v in _cell_values(run["cell"]) if k != "method")
+    return (run["dataset"], run["depth"], rest)
+
+
+def row_label(key: tuple) -> tuple[str, str]:
+    dataset, depth, rest = key
+    extra = ", ".join(f"{k}={v}" for k, v in rest if k not in ("dataset", "depth"))
+    return dataset, f"Plain-{depth}" + (f" ({extra})" if extra else "")
+
+
 def finalists(runs: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    """(data set, depth, method) -> the chosen trial of its cell, then its replicates."""
+    """(row key, method) -> the chosen trial of its cell, then its finished replicates."""
     out: dict[tuple, list[dict[str, Any]]] = {}
     for chosen in (r for r in runs if r["chosen"] and r["role"] == "trial"):
         again = [r for r in runs if r["role"] == "replicate" and
                  r["replicate_of"] == chosen["run_id"] and r["status"] == "FINISHED"]
-        out[(chosen["dataset"], chosen["depth"], chosen["method"])] = [chosen, *again]
+        out[(row_key(chosen), chosen["method"])] = [chosen, *again]
     return out
 
 
@@ -92,27 +109,36 @@ def _method_key(m: str) -> int:
 
 
 def tables(runs: list[dict[str, Any]], teacher_acc: dict[str, float]) -> list[dict[str, Any]]:
-    """One row per data set x student, with every method's columns (numbers, not text)."""
+    """One row per data set x student (x any other across-dimension), with every method's
+    columns (numbers, not text).
+
+    A method's accuracy pools its cell's chosen trial with that trial's replicates. The chosen
+    trial won its cell on validation accuracy, so it may sit above its replicates; the CSV
+    also carries the replicates alone (`<method>_rep_*`).
+    """
     final = finalists(runs)
-    methods = sorted({k[2] for k in final}, key=_method_key)
+    methods = sorted({k[1] for k in final}, key=_method_key)
     rows = []
-    for dataset, depth in sorted({(k[0], k[1]) for k in final}):
-        row: dict[str, Any] = {"dataset": dataset, "student": f"Plain-{depth}"}
+    for key in sorted({k[0] for k in final}, key=str):
+        dataset, student = row_label(key)
+        row: dict[str, Any] = {"dataset": dataset, "student": student}
         for m in methods:
-            mine = final.get((dataset, depth, m), [])
+            mine = final.get((key, m), [])
             acc = Summary.of([r["test_acc"] for r in mine])
+            rep = Summary.of([r["test_acc"] for r in mine[1:]])
             times = [r["train_time"] for r in mine if math.isfinite(r["train_time"])]
             per_epoch = [r["epoch_time"] for r in mine if math.isfinite(r["epoch_time"])]
             row.update({f"{m}_mean": acc.mean, f"{m}_std": acc.std, f"{m}_n": acc.n,
                         f"{m}_min": statistics.median(times) / 60 if times else math.nan,
                         f"{m}_s_per_epoch": statistics.median(per_epoch) if per_epoch
-                        else math.nan})
+                        else math.nan,
+                        f"{m}_rep_mean": rep.mean, f"{m}_rep_std": rep.std, f"{m}_rep_n": rep.n})
         teachers = [teacher_acc.get(r["teacher_run_id"], math.nan)
-                    for m in methods for r in final.get((dataset, depth, m), [])[:1]]
+                    for m in methods for r in final.get((key, m), [])[:1]]
         row["teacher"] = next((t for t in teachers if math.isfinite(t)), math.nan)
         if {"alignkd", "jointrd"} <= set(methods):
-            a = [r["test_acc"] for r in final.get((dataset, depth, "alignkd"), [])]
-            j = [r["test_acc"] for r in final.get((dataset, depth, "jointrd"), [])]
+            a = [r["test_acc"] for r in final.get((key, "alignkd"), [])]
+            j = [r["test_acc"] for r in final.get((key, "jointrd"), [])]
             d = welch(a, j)
             row.update({"diff": d.diff, "diff_low": d.low, "diff_high": d.high,
                         "time_ratio": row["alignkd_s_per_epoch"] / row["jointrd_s_per_epoch"]
@@ -130,8 +156,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """The paper's layout: accuracies in %, as mean ± std (n)."""
     if not rows:
         return "(no cell has a chosen trial yet)"
-    methods = sorted({k.rsplit("_", 1)[0] for r in rows for k in r if k.endswith("_mean")},
-                     key=_method_key)
+    methods = sorted({k[:-len("_mean")] for r in rows for k in r
+                      if k.endswith("_mean") and not k.endswith("_rep_mean")}, key=_method_key)
     head = ["data set", "student"]
     for m in methods:
         name = METHOD_NAMES.get(m, m)
@@ -152,7 +178,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if compare:
             ci = (f"{100 * r['diff']:+.2f} [{100 * r['diff_low']:+.2f}, "
                   f"{100 * r['diff_high']:+.2f}]" if math.isfinite(r["diff_low"])
-                  else (f"{100 * r['diff']:+.2f} [n<2]" if math.isfinite(r["diff"]) else "n<2"))
+                  else (f"{100 * r['diff']:+.2f} [{r['verdict']}]" if math.isfinite(r["diff"])
+                        else r["verdict"]))
             cells += [ci, _num(r["time_ratio"], 2), r["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -236,15 +263,15 @@ def plot_replicates(runs: list[dict[str, Any]], out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     final = finalists(runs)
-    panels = sorted({(k[0], k[1]) for k in final})
+    panels = sorted({k[0] for k in final}, key=str)
     if not panels:
         return None
-    methods = sorted({k[2] for k in final}, key=_method_key)
+    methods = sorted({k[1] for k in final}, key=_method_key)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.6),
                              squeeze=False, sharey=True)
-    for ax, (dataset, depth) in zip(axes[0], panels, strict=True):
+    for ax, key in zip(axes[0], panels, strict=True):
         for x, m in enumerate(methods):
-            accs = [100 * r["test_acc"] for r in final.get((dataset, depth, m), [])
+            accs = [100 * r["test_acc"] for r in final.get((key, m), [])
                     if math.isfinite(r["test_acc"])]
             if not accs:
                 continue
@@ -256,7 +283,7 @@ def plot_replicates(runs: list[dict[str, Any]], out: Path) -> Path | None:
                         capsize=4, zorder=3)
         ax.set_xticks(range(len(methods)), [METHOD_NAMES.get(m, m) for m in methods])
         ax.set_xlim(-0.5, len(methods) - 0.3)
-        ax.set_title(f"{dataset}, Plain-{depth}")
+        ax.set_title(", ".join(row_label(key)))
     axes[0][0].set_ylabel("test accuracy (%)")
     fig.suptitle("each cell's chosen trial and its replicates: runs, mean and 95% CI")
     fig.tight_layout()

@@ -49,14 +49,40 @@ def spearman(x: list[float], y: list[float]) -> float:
     return sxy / math.sqrt(sxx * syy) if sxx and syy else math.nan
 
 
-def cell_correlation(curves: list[dict[int, float]], rung: int, epochs: int) -> dict[str, Any]:
-    """rho between each epoch's values and the last epoch's, over complete curves."""
-    full = [c for c in curves if rung in c and epochs in c]
+def replay(curves: list[dict[int, float]], rungs: tuple[int, ...], epochs: int,
+           reduction_factor: int = 2) -> dict[str, Any]:
+    """Asynchronous successive halving replayed on complete curves, in the trials' order:
+    which would have run to the end, the best final accuracy among them against the best of
+    all (the regret), and the epochs trained as a share of running every trial to the end."""
+    from tuning.search.studies import promotes
+
+    recorded: dict[int, list[float]] = {r: [] for r in rungs}
+    stopped_at = []
+    for c in curves:
+        stop = epochs
+        for r in rungs:
+            recorded[r].append(c[r])
+            if not promotes(c[r], recorded[r], reduction_factor):
+                stop = r
+                break
+        stopped_at.append(stop)
+    finished = [c[epochs] for c, s in zip(curves, stopped_at, strict=True) if s == epochs]
+    best = max(c[epochs] for c in curves)
+    return {"rungs": list(rungs), "ran_to_the_end": len(finished),
+            "best_kept": max(finished), "best": best, "regret": best - max(finished),
+            "epoch_share": sum(stopped_at) / (len(curves) * epochs)}
+
+
+def cell_correlation(curves: list[dict[int, float]], rung: int, epochs: int,
+                     rungs: tuple[int, ...] = ()) -> dict[str, Any]:
+    """rho between each epoch's values and the last epoch's, over complete curves, and the
+    replay of successive halving at `rungs`."""
+    full = [c for c in curves if all(e in c for e in range(1, epochs + 1))]
     last = [c[epochs] for c in full]
-    by_epoch = {e: spearman([c[e] for c in full], last)
-                for e in range(1, epochs + 1) if all(e in c for c in full)}
+    by_epoch = {e: spearman([c[e] for c in full], last) for e in range(1, epochs + 1)}
     return {"trials": len(full), "rung": rung, "rho_at_rung": by_epoch.get(rung, math.nan),
             "rho_by_epoch": by_epoch,
+            "replay": replay(full, rungs or (rung,), epochs) if full else None,
             "pairs": [{"at_rung": c[rung], "last": c[epochs]} for c in full]}
 
 
@@ -66,25 +92,26 @@ def measure(settings: dict[str, Any]) -> dict[str, Any]:
     from tuning.search.cells import study_name
     from tuning.search.cli import settings_space
     from tuning.search.driver import REDUCTION_FACTOR
-    from tuning.search.studies import rung_epochs
+    from tuning.search.studies import default_rungs
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = settings_space(settings)
     epochs = settings["epochs"]
     peak = space.fixed.get("pct_start", RunConfig.pct_start)
-    rungs = rung_epochs(epochs, peak, REDUCTION_FACTOR)
+    rungs = default_rungs(space, epochs, REDUCTION_FACTOR)  # the search's own rule
     if not rungs:
         raise UserError(f"a {epochs}-epoch search has no rung to measure; it needs 2 epochs "
                         "or more")
     storage = optuna.storages.RDBStorage(settings["optuna_storage"])
     out = {"search": settings["name"], "scheduler": settings["scheduler"], "epochs": epochs,
+           "fixed": settings["overrides"], "space": settings["space_name"],
            "rule": f"first rung at ceil({peak} x epochs), the first epoch ending at or after "
                    "OneCycle's lr peak", "cells": {}}
     for cell in space.cells():
         study = optuna.load_study(study_name=study_name(settings["name"], cell), storage=storage)
         curves = [dict(t.intermediate_values) for t in study.trials
                   if t.state == optuna.trial.TrialState.COMPLETE]
-        out["cells"][cell.key] = cell_correlation(curves, rungs[0], epochs)
+        out["cells"][cell.key] = cell_correlation(curves, rungs[0], epochs, rungs)
     return out
 
 
@@ -96,6 +123,12 @@ def table_text(result: dict[str, Any]) -> str:
                           if math.isfinite(r))
         lines.append(f"{cell}: {c['trials']} trials, first rung epoch {c['rung']}: "
                      f"rho {c['rho_at_rung']:.3f}  (by epoch: {curve})")
+        r = c["replay"]
+        if r:
+            lines.append(f"  halving replayed at epochs {r['rungs']}, in trial order: "
+                         f"{r['ran_to_the_end']} of {c['trials']} ran to the end, best of them "
+                         f"{r['best_kept']:.4f} against {r['best']:.4f} (regret "
+                         f"{r['regret']:.4f}), {100 * r['epoch_share']:.0f}% of the epochs")
     return "\n".join(lines)
 
 

@@ -53,6 +53,7 @@ class Difference:
     low: float
     high: float
     df: float
+    note: str = ""  # why there is no interval: "n<2", or "no spread" (every run identical)
 
     @property
     def defined(self) -> bool:
@@ -64,11 +65,13 @@ def welch(a: list[float], b: list[float]) -> Difference:
     sa, sb = Summary.of(a), Summary.of(b)
     diff = sa.mean - sb.mean
     if sa.n < 2 or sb.n < 2:
-        return Difference(diff, math.nan, math.nan, math.nan)
+        return Difference(diff, math.nan, math.nan, math.nan, "n<2")
     va, vb = sa.std ** 2 / sa.n, sb.std ** 2 / sb.n
     se = math.sqrt(va + vb)
     if se == 0:
-        return Difference(diff, diff, diff, math.inf)  # every run identical: no spread at all
+        # Every run of both sides identical: a t interval is degenerate, and n runs that
+        # never vary say nothing about how much they could.
+        return Difference(diff, math.nan, math.nan, math.nan, "no spread")
     df = (va + vb) ** 2 / (va ** 2 / (sa.n - 1) + vb ** 2 / (sb.n - 1))
     half = _t_quantile(df) * se
     return Difference(diff, diff - half, diff + half, df)
@@ -77,7 +80,7 @@ def welch(a: list[float], b: list[float]) -> Difference:
 def verdict(d: Difference, a: str, b: str) -> str:
     """`<a> better`, `<b> better`, or `no difference at this n` (the interval holds 0)."""
     if not d.defined:
-        return "n<2"
+        return d.note or "n<2"
     if d.low > 0:
         return f"{a} better"
     if d.high < 0:

@@ -238,6 +238,38 @@ def check_teacher(space: Space) -> None:
                             f"pass a teacher trained on {name}, or drop --set teacher")
 
 
+def check_name_free(settings: dict[str, Any]) -> None:
+    """A new search's name must not already name a search in the tracking store or in the
+    study storage (another --storage-path may hold it): the two would share their records."""
+    name, fix = settings["name"], "pass a new --name, or --resume to continue that search"
+    url = settings["optuna_storage"]
+    local = url.startswith("sqlite:///")
+    if not local or Path(url.removeprefix("sqlite:///")).is_file():
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            names = [s.study_name for s in optuna.storages.RDBStorage(url).get_all_studies()]
+        except Exception:  # noqa: BLE001 - check_optuna_storage names the problem
+            names = []
+        if any(n.startswith(f"{name}/") for n in names):
+            raise UserError(f"the study storage {url} already holds a search named {name!r}; "
+                            f"{fix}")
+    uri = settings["tracking_uri"]
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return
+    from tuning.search.tracking import client
+
+    try:
+        exp = client(uri).get_experiment_by_name(name)
+        parents = client(uri).search_runs([exp.experiment_id], "tags.role = 'search'",
+                                          max_results=1) if exp else []
+    except Exception:  # noqa: BLE001 - check_reachable names the problem
+        return
+    if parents:
+        raise UserError(f"the tracking store {uri} already has a search named {name!r}; {fix}")
+
+
 def load_resume_settings(args: argparse.Namespace) -> dict[str, Any]:
     if not args.name:
         raise UserError("--resume needs --name: the search to continue (see ray_results/)")
@@ -283,8 +315,10 @@ def load_resume_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name = args.name or "<name>"
     try:
         settings = load_resume_settings(args) if args.resume else resolve_settings(args)
+        name = settings["name"]
         check_address(args.address)
         space = settings_space(settings)
         folder = local_search_dir(settings["storage_path"], settings["name"])
@@ -297,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         plan_teachers(space, settings["teacher_epochs"])  # a range it cannot plan: one line
         check_reachable(settings["tracking_uri"])
         check_optuna_storage(settings["optuna_storage"])
+        if not args.resume:
+            check_name_free(settings)
         storage = settings["storage_path"]
         if "://" not in storage:
             probe = Path(storage)
@@ -314,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: python -m tuning.search --resume --name {name}",
+              file=sys.stderr)
+        return 130
 
 
 def write_settings(folder: Path, settings: dict[str, Any]) -> None:

@@ -15,7 +15,6 @@ from ray import tune
 
 from tuning import report
 from tuning.checkpoint import atomic_write_text
-from tuning.config import RunConfig
 from tuning.search import results as res
 from tuning.search import tracking
 from tuning.search.cells import Cell
@@ -28,8 +27,8 @@ from tuning.search.studies import (
     CellScheduler,
     CellSearcher,
     StudyBook,
+    default_rungs,
     mark_lost,
-    rung_epochs,
     tell,
 )
 from tuning.search.teachers import plan_teachers, teacher_path, train_teacher
@@ -122,9 +121,7 @@ def scheduler_rungs(space: Space, settings: dict[str, Any]) -> tuple[int, ...]:
     if settings["scheduler"] == "fifo" or settings["objective"] == "acc-time" or \
             space.kind != "sampled":
         return ()
-    peak = max(space.values_of("pct_start") or
-               [p.high for p in space.params if p.name == "pct_start"] or [RunConfig.pct_start])
-    return rung_epochs(settings["epochs"], peak, REDUCTION_FACTOR)
+    return default_rungs(space, settings["epochs"], REDUCTION_FACTOR)
 
 
 def make_trainable(context: SearchContext, settings: dict[str, Any]):
@@ -134,23 +131,41 @@ def make_trainable(context: SearchContext, settings: dict[str, Any]):
 
 def settle_studies(book: StudyBook, cells: list[Cell], rows: list[dict[str, Any]],
                    epochs: int) -> None:
-    """Make each study agree with Tune: every trial Tune ran has the state Tune gave it, and
-    every study trial Tune never recorded is marked lost. Normally a no-op; after a killed
-    driver it catches what the searcher was told before the kill but Tune was not."""
+    """Make each study and Tune's table agree. Normally a no-op; after a killed driver it
+    catches what one side heard before the kill and the other did not:
+
+    - a study trial Tune never recorded is marked lost;
+    - a trial Tune finished but its study did not hear of is told now;
+    - a trial its study had already stopped or failed keeps that state, and its row says so
+      (Tune may have run it again from a checkpoint after the resume).
+    """
     mark_lost(book, cells, known={r["trial_id"] for r in rows})
     for row in rows:
         if row["study_trial"] == "":
             continue
         cell = next(c for c in cells if c.key == row["cell"])
         frozen = book.trial(cell, row["study_trial"])
-        if frozen.state.is_finished():
+        if frozen.state == TrialState.FAIL and row["status"] != "ERROR":
+            row["status"] = "ERROR"
+            row["error"] = row["error"] or frozen.user_attrs.get(
+                "failure", "the trial failed before the search driver was killed")
+        elif frozen.state == TrialState.PRUNED and row["status"] == "TERMINATED":
+            row["status"] = "STOPPED_EARLY"
+        elif frozen.state.is_finished():
             continue
-        if row["status"] == "STOPPED_EARLY":
+        elif row["status"] == "STOPPED_EARLY":
             book.study(cell).tell(row["study_trial"], state=TrialState.PRUNED)
         else:
             metrics = dict(row["_result"].metrics or {})
             tell(book, cell, row["study_trial"], metrics, error=row["status"] == "ERROR",
                  epochs=epochs)
+
+
+def interrupted(grid) -> list[str]:
+    """Trials that Tune left unfinished: the search was interrupted (Ctrl-C, SIGTERM), and
+    Tune saved its state and returned instead of raising."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
 
 
 def measure_tests(book: StudyBook, cells: list[Cell], chosen: dict[str, dict[str, Any]],
@@ -178,11 +193,14 @@ def measure_tests(book: StudyBook, cells: list[Cell], chosen: dict[str, dict[str
 
 
 def replicate_phase(settings: dict[str, Any], context: SearchContext, tracker: tracking.Tracker,
-                    chosen: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
-    """Train each chosen trial again with new seeds (settings["replicates"] times)."""
+                    chosen: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]] | None:
+    """Train each chosen trial again with new seeds (settings["replicates"] times); None when
+    interrupted."""
     t0 = time.perf_counter()
     rows = run_replicates(settings, context, chosen, settings["replicates"],
                           callbacks=[TrialRunStatus(tracker, settings["epochs"])])
+    if rows is None:
+        return None
     tracking.settle_trial_runs(tracker, rows)
     close_unrecorded_runs(tracker, rows, role="replicate")
     write_replicates(rows, folder)
@@ -256,6 +274,13 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
                     callbacks=[TrialRunStatus(tracker, settings["epochs"])]),
             )
         grid = tuner.fit()
+        unfinished = interrupted(grid)
+        if unfinished:
+            print(f"\nthe search was interrupted with {len(unfinished)} trial(s) unfinished; "
+                  "nothing was chosen or tested. Continue it with:\n  python -m tuning.search "
+                  f"--resume --name {settings['name']} --storage-path "
+                  f"{settings['storage_path']}", flush=True)
+            return 130
         rows = res.trial_rows(grid, context)
         settle_studies(book, cells, rows, settings["epochs"])
         res.mark_pareto(rows)
@@ -283,6 +308,11 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
                        "run_id": row.get("mlflow_run_id"), "config": row["_config"]}
                       for key, row in chosen.items()]
             replicated = replicate_phase(settings, context, tracker, finals, folder)
+            if replicated is None:
+                print(f"\nthe replicates were interrupted; continue them with:\n  python -m "
+                      f"tuning.search --resume --name {settings['name']} --storage-path "
+                      f"{settings['storage_path']}", flush=True)
+                return 130
         try:
             report_text, _ = report.build(tracker.uri, settings["name"], folder / "report")
             print(report_text)

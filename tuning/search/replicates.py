@@ -70,8 +70,9 @@ def experiment_path(settings: dict[str, Any]) -> str:
 
 
 def run_replicates(settings: dict[str, Any], context: SearchContext,
-                   chosen: list[dict[str, Any]], n: int, callbacks: list) -> list[dict]:
-    """Train (or continue) the replicates of every chosen trial; one row per replicate."""
+                   chosen: list[dict[str, Any]], n: int, callbacks: list) -> list[dict] | None:
+    """Train (or continue) the replicates of every chosen trial; one row per replicate, or
+    None when the phase was interrupted (Tune saved its state to resume from)."""
     from tuning.search.driver import make_trainable
 
     path = experiment_path(settings)
@@ -93,6 +94,10 @@ def run_replicates(settings: dict[str, Any], context: SearchContext,
                 failure_config=tune.FailureConfig(max_failures=2), verbose=1,
                 callbacks=callbacks))
     grid = tuner.fit()
+    from tuning.search.driver import interrupted
+
+    if interrupted(grid):
+        return None
     rows = []
     for result in grid:
         sample = dict(result.config or {})

@@ -353,6 +353,14 @@ def _decaying(p: Param, chosen: dict[str, Any]) -> tuple[float, float]:
     return low, high
 
 
+def grid_points(space: Space) -> list[dict[str, Any]]:
+    """Every point of the space's grid, in order (one empty point for no grid)."""
+    points: list[dict[str, Any]] = [{}]
+    for key, values in space.grid.items():
+        points = [{**p, key: v} for p in points for v in values]
+    return points if space.grid else []
+
+
 def trial_values(space: Space, sample: dict[str, Any]) -> dict[str, Any]:
     """RunConfig values of one trial: the space's fixed values (with --set), then the sample."""
     values = {**space.fixed, **{k: v for k, v in sample.items() if k not in META_KEYS}}

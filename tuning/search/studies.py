@@ -27,7 +27,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from tuning.search.cells import Cell, study_name
-from tuning.search.space import Space, SpaceSampler
+from tuning.search.space import Space, SpaceSampler, grid_points
 
 RAY_ID = "ray_trial_id"
 LOST = "lost"
@@ -50,6 +50,15 @@ def rung_epochs(epochs: int, pct_start: float, reduction_factor: int) -> tuple[i
     return tuple(rungs)
 
 
+def default_rungs(space: Space, epochs: int, reduction_factor: int) -> tuple[int, ...]:
+    """The rungs of a space: after the latest lr peak any of its trials can have."""
+    from tuning.config import RunConfig
+
+    peaks = [*space.values_of("pct_start"),
+             *(p.high for p in space.params if p.name == "pct_start" and p.type != "choice")]
+    return rung_epochs(epochs, max(peaks or [RunConfig.pct_start]), reduction_factor)
+
+
 def promotes(value: float, compared: list[float], reduction_factor: int) -> bool:
     """Successive halving's rule: a trial goes on when it is in the top 1/reduction_factor of
     the values recorded at its rung (its own included), and always when it is the first."""
@@ -58,14 +67,6 @@ def promotes(value: float, compared: list[float], reduction_factor: int) -> bool
         return not ranked
     keep = max(1, len(ranked) // reduction_factor)
     return value >= ranked[keep - 1]
-
-
-class CellGridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid sampler for ask-and-tell: it never calls Study.stop, which only works
-    inside Study.optimize. The cell's budget (the grid's size) ends the cell instead."""
-
-    def after_trial(self, study, trial, state, values) -> None:
-        pass
 
 
 def cell_seed(seed: int, cell: Cell) -> int:
@@ -94,12 +95,14 @@ class StudyBook:
     def directions(self) -> list[str]:
         return ["maximize", "minimize"] if self.multi_objective else ["maximize"]
 
-    def sampler(self, cell: Cell) -> optuna.samplers.BaseSampler:
-        seed = cell_seed(self.seed, cell)
-        if self.space.kind == "grid":
-            return CellGridSampler(SpaceSampler(self.space).grid_space(), seed=seed)
-        if self.space.kind == "fixed":
-            return optuna.samplers.RandomSampler(seed=seed)  # nothing is sampled
+    def sampler(self, cell: Cell, asked: int = 0) -> optuna.samplers.BaseSampler:
+        """The cell's sampler, seeded by the search's seed, the cell and the trials it has
+        already asked, so that a resumed driver does not replay its first proposals."""
+        seed = cell_seed(self.seed, cell) + asked
+        if self.space.kind != "sampled":
+            # Nothing to sample: a grid's points are queued in the study (see `study`), and a
+            # space of fixed settings has none.
+            return optuna.samplers.RandomSampler(seed=seed)
         # TPE (multi-objective TPE for acc-time); its random start-up is at most half the
         # cell's budget, so that a small budget still gets model-based proposals.
         startup = max(1, min(10, self.budget // 2))
@@ -109,10 +112,16 @@ class StudyBook:
         if cell.key not in self._studies:
             study = optuna.create_study(
                 storage=self.storage, study_name=study_name(self.search, cell),
-                sampler=self.sampler(cell), directions=self.directions(), load_if_exists=True)
-            if not study.user_attrs:
+                directions=self.directions(), load_if_exists=True)
+            trials = study.get_trials(deepcopy=False)
+            study.sampler = self.sampler(cell, asked=len(trials))
+            if not trials and not study.user_attrs:
                 study.set_user_attr("search", self.search)
                 study.set_user_attr("cell", cell.as_dict())
+                # A grid is run point by point from the study's queue, in order, so that a
+                # point lost with a killed driver can be queued again (never skipped).
+                for point in grid_points(self.space):
+                    study.enqueue_trial(point)
             self._studies[cell.key] = study
         return self._studies[cell.key]
 
@@ -122,8 +131,9 @@ class StudyBook:
         return self.storage.get_trial(trial_id)
 
     def counted(self, cell: Cell) -> list[optuna.trial.FrozenTrial]:
-        """The cell's trials that count against its budget: all but the lost ones."""
-        return [t for t in self.study(cell).get_trials(deepcopy=False) if LOST not in t.user_attrs]
+        """The cell's trials that count against its budget: all asked but the lost ones."""
+        return [t for t in self.study(cell).get_trials(deepcopy=False)
+                if LOST not in t.user_attrs and t.state != TrialState.WAITING]
 
     def delete_all(self, cells: list[Cell]) -> None:
         """Forget every study of the search (a fresh Tune experiment under the same name)."""
@@ -210,14 +220,15 @@ def mark_lost(book: StudyBook, cells: list[Cell], known: set[str]) -> int:
     lost = 0
     for cell in cells:
         study = book.study(cell)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,
-                                                           TrialState.WAITING)):
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get(RAY_ID) in known:
                 continue
             book.storage.set_trial_user_attr(
                 t._trial_id, LOST, "the search driver was killed before Ray Tune recorded "
                                    "this trial; another trial of the cell took its place")
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            if book.space.kind == "grid":
+                study.enqueue_trial(t.params)  # its grid point is run again, not skipped
             lost += 1
     return lost
 
@@ -274,17 +285,25 @@ class CellScheduler(FIFOScheduler):
         """Record the epoch's value; at a rung, compare it within the cell's study."""
         book = self.book
         frozen = book.trial(cell, number)
-        if frozen.state == TrialState.PRUNED:
-            return TrialScheduler.STOP  # decided before a driver was killed; decided again
+        if frozen.state in (TrialState.PRUNED, TrialState.FAIL):
+            # Stopped, or failed, before a killed driver could tell Tune: Tune runs it again
+            # from its checkpoint, and it stops at once, as its study already says.
+            return TrialScheduler.STOP
         if frozen.state.is_finished():
             return TrialScheduler.CONTINUE
+        stopped = [r for k, r in frozen.user_attrs.items()
+                   if k.startswith("asha_epoch_") and not r["go_on"]]
+        if stopped:
+            # Decided, but the driver was killed before the study heard of it; the trial
+            # may even have trained past its rung since. The decision stands.
+            book.study(cell).tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+            return TrialScheduler.STOP
         if epoch not in frozen.intermediate_values:
             book.storage.set_trial_intermediate_value(frozen._trial_id, epoch, value)
         if epoch not in self.rungs:
             return TrialScheduler.CONTINUE
-        recorded = frozen.user_attrs.get(DECISION.format(epoch))
-        if recorded is not None:
-            return TrialScheduler.CONTINUE if recorded["go_on"] else TrialScheduler.STOP
+        if DECISION.format(epoch) in frozen.user_attrs:
+            return TrialScheduler.CONTINUE  # it went on from this rung before
         compared = [(t.user_attrs.get(RAY_ID), t.number, t.intermediate_values[epoch])
                     for t in book.study(cell).get_trials(deepcopy=False)
                     if epoch in t.intermediate_values and LOST not in t.user_attrs
