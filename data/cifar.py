@@ -91,22 +91,71 @@ def _download(layout: CifarLayout, root: Path) -> None:
         ) from exc
 
 
+# The only globals a CIFAR python-version file may name: numpy's array, dtype and scalar
+# rebuilders, under numpy 1.x (numpy.core) and 2.x (numpy._core) paths. The official files are
+# Python 2 pickles that use _reconstruct/ndarray/dtype; pickle protocol 4 (Python 3 default up to
+# 3.13) does the same, protocol 5 (default from 3.14) rebuilds arrays through _frombuffer, and
+# numpy scalars go through scalar. Names map to the objects directly, so nothing is imported
+# while loading (and numpy 2 does not warn about the numpy.core alias).
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
+_SCALAR = np.float64(0).__reduce__()[0]
+_FROMBUFFER = np.empty(1).__reduce_ex__(5)[0]
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    **{
+        (f"{core}.multiarray", name): obj
+        for core in ("numpy.core", "numpy._core")
+        for name, obj in (("_reconstruct", _RECONSTRUCT), ("scalar", _SCALAR))
+    },
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside _ALLOWED_GLOBALS."""
+
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"{module}.{name}")
+        self.qualname = f"{module}.{name}"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that builds only dicts, lists, str/bytes, numbers and numpy arrays/dtypes.
+
+    Every class or function a pickle names goes through find_class, so refusing all but the numpy
+    rebuilders means a planted batch file cannot run code (the weights_only=True stance).
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(module, name) from None
+
+
 def _unpickle(path: Path, layout: CifarLayout) -> dict[str, Any]:
     """Load one pickle file with str keys (the official files are Python 2 pickles)."""
+    fix = f"delete {path.parent} and download it again with --download"
     try:
         with open(path, "rb") as f:
             # latin1 decodes the Python 2 pickles (numpy arrays included), as torchvision does.
-            entry = pickle.load(f, encoding="latin1")
+            entry = _CifarUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as exc:
+        # repr keeps a crafted name (newlines, control characters) on one line.
+        raise DataError(
+            f"{path} is not a plain {layout.title} pickle: refused to load the global "
+            f"{exc.qualname[:200]!r} (only dicts, lists, strings, numbers and numpy arrays are "
+            f"allowed, as in the official files); delete {path.parent} and re-extract the "
+            "official archive with --download"
+        ) from None
     except Exception as exc:  # any unpickling failure means a damaged or foreign file
         raise DataError(
-            f"{path} is not a readable {layout.title} pickle ({_one_line(exc)}); delete "
-            f"{path.parent} and download it again with --download"
+            f"{path} is not a readable {layout.title} pickle ({_one_line(exc)}); {fix}"
         ) from exc
     if not isinstance(entry, dict):
-        raise DataError(
-            f"{path} holds a {type(entry).__name__}, not a {layout.title} dict; delete "
-            f"{path.parent} and download it again with --download"
-        )
+        raise DataError(f"{path} holds a {type(entry).__name__}, not a {layout.title} dict; {fix}")
     # Files written by Python 3 with bytes keys (b"data") read the same as the official ones.
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
 

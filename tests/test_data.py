@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +143,92 @@ def test_cifar_partial_or_corrupt_folder(tmp_path: Path) -> None:
     (folder / "data_batch_3").unlink()
     with pytest.raises(DataError, match="missing data_batch_3"):
         load_arrays("cifar10", tmp_path)
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Protocol 2 with bytes as Python 2 str opcodes, the shape of the official CIFAR pickles."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj: bytes) -> None:
+        n = len(obj)
+        short = n < 256
+        head = (
+            pickle.SHORT_BINSTRING + bytes([n])
+            if short
+            else pickle.BINSTRING + struct.pack("<i", n)
+        )
+        self.write(head + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def _dumps(obj: object, style: str) -> bytes:
+    if style != "py2":
+        return pickle.dumps(obj, protocol=int(style))
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    # numpy 1.x module paths, as the official files name them.
+    return buf.getvalue().replace(b"cnumpy._core.", b"cnumpy.core.")
+
+
+@pytest.mark.parametrize("style", ["py2", "4", "5"])
+def test_cifar_numpy_batches_load_under_restricted_unpickler(tmp_path: Path, style: str) -> None:
+    ref = write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    batch = {
+        b"data": _cifar_rows(ref["test_x"]),
+        b"labels": [np.int64(v) for v in ref["test_y"]],  # numpy scalars rebuild too
+        b"filenames": [b"a.png"] * len(ref["test_y"]),
+        b"batch_label": b"testing batch 1 of 1",
+    }
+    (folder / "test_batch").write_bytes(_dumps(batch, style))
+    meta = {b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(_dumps(meta, style))
+    arrays = load_arrays("cifar10", tmp_path)
+    np.testing.assert_array_equal(arrays.test_images, ref["test_x"])
+    np.testing.assert_array_equal(arrays.test_labels, ref["test_y"])
+    assert arrays.classes == CIFAR10_NAMES
+
+
+class _Planted:
+    """Pickles as a call that would create marker when unpickled by a plain pickle.load."""
+
+    def __init__(self, marker: Path, how: str) -> None:
+        self.marker, self.how = marker, how
+
+    def __reduce__(self):
+        if self.how == "open":
+            return (open, (str(self.marker), "w"))
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("how, refused", [("open", "io.open"), ("touch", "pathlib.Path.touch")])
+def test_cifar_refuses_code_in_planted_batch(tmp_path: Path, how: str, refused: str) -> None:
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Planted(control, how)))
+    assert control.exists()  # the payload really runs under a plain pickle.load
+    ref = write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    marker = tmp_path / "pwned"
+    batch = {
+        b"data": _cifar_rows(ref["train_x"][:20]),
+        b"labels": ref["train_y"][:20].tolist(),
+        b"batch_label": _Planted(marker, how),
+    }
+    (folder / "data_batch_2").write_bytes(pickle.dumps(batch))
+    for load in (
+        lambda: load_arrays("cifar10", tmp_path),
+        lambda: build_data("cifar10", tmp_path, batch_size=16, eval_batch_size=7),
+    ):
+        with pytest.raises(DataError) as err:
+            load()
+        message = str(err.value)
+        assert "\n" not in message
+        assert str(folder / "data_batch_2") in message and refused in message
+        assert "refused" in message and "re-extract the official archive" in message
+        assert not marker.exists()
 
 
 def test_build_data_cifar10(tmp_path: Path) -> None:
