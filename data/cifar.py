@@ -2,20 +2,22 @@
 
 The pickle batches are read here rather than through torchvision.datasets.CIFAR10 because the
 latter insists on the md5 of the official files; reading the format directly lets hand-placed or
-test-written folders take the exact code path users run. torchvision is used only to download,
-verify (md5 of the archive) and extract.
+test-written folders take the exact code path users run. Downloading, verifying (md5 of the
+archive) and extracting are done by data.download.fetch.
 """
 
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from data.arrays import Arrays, DataError
+from data.download import Archive, fetch
 
 
 @dataclass(frozen=True)
@@ -73,22 +75,29 @@ def _expected(layout: CifarLayout) -> str:
     return ", ".join(layout.files)
 
 
-def _download(layout: CifarLayout, root: Path) -> None:
-    """Download, md5-check and extract the official archive into root."""
-    # Imported here: torchvision is slow to import and only needed for the download.
-    from torchvision.datasets.utils import download_and_extract_archive
+def check_extracted(layout: CifarLayout, folder: Path) -> str | None:
+    """None if the extracted folder holds every batch file of layout, else what is missing."""
+    missing = [f for f in layout.files if not (folder / f).is_file()]
+    if missing:
+        return f"lacks {', '.join(missing)} in {layout.folder}"
+    return None
 
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        download_and_extract_archive(
-            layout.url, str(root), filename=Path(layout.url).name, md5=layout.archive_md5
-        )
-    except Exception as exc:  # URLError/OSError offline, RuntimeError on md5 mismatch, tar errors
-        raise DataError(
-            f"could not download {layout.title} from {layout.url} into {root} ({_one_line(exc)}); "
-            f"check the network, or download the archive elsewhere and extract it so that "
-            f"{root / layout.folder} holds {_expected(layout)}"
-        ) from exc
+
+def archive(layout: CifarLayout) -> Archive:
+    """The official archive of layout for data.download.fetch, checked by its md5."""
+    return Archive(
+        title=layout.title,
+        url=layout.url,
+        filename=Path(layout.url).name,
+        folder=layout.folder,
+        contents=_expected(layout),
+        md5=layout.archive_md5,
+        check=partial(check_extracted, layout),
+    )
+
+
+CIFAR10_ARCHIVE = archive(CIFAR10)
+CIFAR100_ARCHIVE = archive(CIFAR100)
 
 
 # The only globals a CIFAR python-version file may name: numpy's array, dtype and scalar
@@ -137,7 +146,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path, layout: CifarLayout) -> dict[str, Any]:
     """Load one pickle file with str keys (the official files are Python 2 pickles)."""
-    fix = f"delete {path.parent} and download it again with --download"
+    fix = f"delete {path.parent} to download it again (downloads are on unless --no-download)"
     try:
         with open(path, "rb") as f:
             # latin1 decodes the Python 2 pickles (numpy arrays included), as torchvision does.
@@ -148,7 +157,7 @@ def _unpickle(path: Path, layout: CifarLayout) -> dict[str, Any]:
             f"{path} is not a plain {layout.title} pickle: refused to load the global "
             f"{exc.qualname[:200]!r} (only dicts, lists, strings, numbers and numpy arrays are "
             f"allowed, as in the official files); delete {path.parent} and re-extract the "
-            "official archive with --download"
+            "official archive (downloads are on unless --no-download)"
         ) from None
     except Exception as exc:  # any unpickling failure means a damaged or foreign file
         raise DataError(
@@ -163,7 +172,7 @@ def _unpickle(path: Path, layout: CifarLayout) -> dict[str, Any]:
 def _read_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (uint8 N x 32 x 32 x 3 HWC images, int64 labels)."""
     entry = _unpickle(path, layout)
-    fix = f"delete {path.parent} and download it again with --download"
+    fix = f"delete {path.parent} to download it again (downloads are on unless --no-download)"
     for key in ("data", layout.label_key):
         if key not in entry:
             raise DataError(f"{path} has no '{key}' entry; {fix}")
@@ -191,28 +200,36 @@ def load_cifar(layout: CifarLayout, root: str | Path, *, download: bool = False)
     """Read an extracted CIFAR python folder under root (downloading it first if asked)."""
     root = Path(root).expanduser()
     folder = root / layout.folder
-    if download and not all((folder / f).is_file() for f in layout.files):
-        _download(layout, root)
+    if download and not folder.exists():
+        fetch(archive(layout), root)
     missing = [f for f in layout.files if not (folder / f).is_file()]
     if missing:
+        # A folder that exists is never overwritten by a download: it has to go first.
+        fix = (
+            f"delete {folder} to download it again (downloads are on unless --no-download)"
+            if folder.exists()
+            else "drop --no-download to download it, or run the smoke search (--smoke, the "
+            "bundled digits)"
+        )
         raise DataError(
             f"{layout.title} not found under {folder} (expected {_expected(layout)}; missing "
-            f"{', '.join(missing)}); download it with --download, or place the extracted python "
-            f"version there by hand from {layout.url}"
+            f"{', '.join(missing)}); {fix}, or place the extracted python version there by hand "
+            f"from {layout.url}"
         )
     train_images, train_labels = _read_split(folder, layout.train_files, layout)
     test_images, test_labels = _read_split(folder, layout.test_files, layout)
     meta = _unpickle(folder / layout.meta_file, layout)
     if layout.names_key not in meta:
         raise DataError(
-            f"{folder / layout.meta_file} has no '{layout.names_key}' entry; delete {folder} and "
-            "download it again with --download"
+            f"{folder / layout.meta_file} has no '{layout.names_key}' entry; delete {folder} to "
+            "download it again (downloads are on unless --no-download)"
         )
     classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[layout.names_key]]
     top = int(max(train_labels.max(initial=-1), test_labels.max(initial=-1)))
     if top >= len(classes):
         raise DataError(
             f"{folder} has label {top} but only {len(classes)} class names in "
-            f"{layout.meta_file}; delete {folder} and download it again with --download"
+            f"{layout.meta_file}; delete {folder} to download it again (downloads are on "
+            "unless --no-download)"
         )
     return Arrays(train_images, train_labels, test_images, test_labels, classes, "cifar", 32)

@@ -4,6 +4,10 @@ Every JPEG is decoded once, resized (shorter side to cache_size) and centre-crop
 and the uint8 result is cached next to the images. Later runs and trials load that array
 instead of decoding ~13k JPEGs again; the cache is keyed by cache_size and by the list of image
 files with their sizes, so adding, removing or replacing an image rebuilds it.
+
+With download=True and no folder found, the 320-px release is fetched by data.download.fetch,
+checked as fastai checks it (file size and md5 of the first MiB; the full-file checksums
+published for it differ between releases).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from data.arrays import Arrays, DataError
+from data.download import Archive, fetch
 
 URL = "https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2-320.tgz"
 FOLDERS = ("imagewoof2-320", "imagewoof2", "imagewoof2-160")
+SMALL_FOLDER, SMALL_SIDE = "imagewoof2-160", 160  # the release whose shorter side is 160 px
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 WNID_NAMES = {
     "n02086240": "Shih-Tzu",
@@ -34,6 +40,37 @@ WNID_NAMES = {
     "n02111889": "Samoyed",
     "n02115641": "dingo",
 }
+
+
+def check_extracted(folder: Path) -> str | None:
+    """None if folder has train/ and val/, each with exactly the 10 non-empty class folders."""
+    for split in ("train", "val"):
+        if not (folder / split).is_dir():
+            return f"has no {folder.name}/{split} folder"
+        found = {p.name for p in (folder / split).iterdir() if p.is_dir()}
+        if found != set(WNID_NAMES):
+            extra = sorted(found - set(WNID_NAMES))[:3]
+            lacking = sorted(set(WNID_NAMES) - found)[:3]
+            return (
+                f"has {len(found)} class folders in {folder.name}/{split}, not the 10 Imagewoof "
+                f"classes (missing {lacking}, unexpected {extra})"
+            )
+        empty = sorted(w for w in found if not any((folder / split / w).iterdir()))
+        if empty:
+            return f"has empty class folders in {folder.name}/{split} ({', '.join(empty[:3])})"
+    return None
+
+
+ARCHIVE = Archive(
+    title="Imagewoof",
+    url=URL,
+    filename="imagewoof2-320.tgz",
+    folder="imagewoof2-320",
+    contents="train/<wnid>/*.JPEG and val/<wnid>/*.JPEG for the 10 Imagewoof classes",
+    size=328387740,
+    head_md5="7a1fd92672a559a85de76e4810a20c21",
+    check=check_extracted,
+)
 
 
 def find_folder(root: Path, path: str | Path | None) -> Path | None:
@@ -149,24 +186,30 @@ def load_imagewoof(
         )
     folder = find_folder(root, path)
     if folder is None and download and path is None:
-        from torchvision.datasets.utils import download_and_extract_archive
-
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            download_and_extract_archive(URL, str(root))
-        except Exception as exc:  # URLError/OSError offline, tar errors on a broken download
-            raise DataError(
-                f"could not download Imagewoof from {URL} into {root} "
-                f"({type(exc).__name__}: {' '.join(str(exc).split())}); check the network, or "
-                f"extract the archive there by hand"
-            ) from exc
+        fetch(ARCHIVE, root)
         folder = find_folder(root, None)
     if folder is None:
         where = Path(path) if path is not None else root / FOLDERS[0]
+        # A download never overwrites an existing (incomplete) imagewoof2-320 folder.
+        fix = (
+            f"delete {where} to download it again (downloads are on unless --no-download)"
+            if path is None and where.exists()
+            else "drop --no-download to download it, or run the smoke search (--smoke, the "
+            "bundled digits)"
+        )
         raise DataError(
             f"Imagewoof not found under {where} (expected train/<wnid>/*.JPEG and "
-            f"val/<wnid>/*.JPEG); download it with --download, or extract {URL} under {root} by "
-            "hand, or point path at a folder holding train/ and val/"
+            f"val/<wnid>/*.JPEG); {fix}, or extract {URL} under {root} by hand, or point path at "
+            "a folder holding train/ and val/"
+        )
+    if folder.name == SMALL_FOLDER and cache_size > SMALL_SIDE:
+        warnings.warn(
+            f"found the 160-px Imagewoof release in {folder}, not imagewoof2-320: its images are "
+            f"upsampled to the requested {cache_size} px (cache_size), so they are blurrier than "
+            f"the 320-px release; to use that one, move {folder} away (downloads are on "
+            f"unless --no-download), or extract {URL} under {root}",
+            UserWarning,
+            stacklevel=3,
         )
     wnids = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
     train_files = _list_split(folder / "train", wnids)

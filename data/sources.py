@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,45 @@ def _with_holdout(
     )
 
 
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:120]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def check_classes(
+    labels: np.ndarray, test_labels: np.ndarray | None, num_classes: int, path: Path
+) -> None:
+    """DataError unless the training labels use every class 0..K-1 (a head of K outputs) and
+    the test labels only classes seen in training; a warning for a one-class set."""
+    present = np.unique(labels)
+    if len(present) == 0:
+        raise DataError(f"{path} has no training images; {NPZ_FORMAT}")
+    missing = np.setdiff1d(np.arange(num_classes), present)
+    if len(missing):
+        shown = ", ".join(str(int(c)) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"{path} key 'labels' leaves classes {shown} of 0..{num_classes - 1} without a "
+            f"training image ({len(present)} distinct labels, largest {int(present[-1])}); "
+            "number the classes densely 0..K-1 (e.g. labels = np.unique(labels, "
+            "return_inverse=True)[1]), and name only those in 'classes'"
+        )
+    if test_labels is not None:
+        unseen = np.setdiff1d(np.unique(test_labels), present)
+        if len(unseen):
+            shown = ", ".join(str(int(c)) for c in unseen[:5])
+            raise DataError(
+                f"{path} key 'test_labels' holds classes never seen in training ({shown}); "
+                "drop those test images, or add training images of those classes"
+            )
+    if num_classes == 1:
+        warnings.warn(
+            f"{path} has a single class ({len(labels)} images of label 0): every prediction is "
+            "right, so accuracy says nothing; add images of other classes",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def load_npz(path: str | Path | None = None, *, image_size: int | None = None) -> Arrays:
     """A user .npz file; without test_images/test_labels a fixed 20% test split is held out."""
     if path is None:
@@ -67,9 +107,19 @@ def load_npz(path: str | Path | None = None, *, image_size: int | None = None) -
                 if k in keys
             }
         except ValueError as exc:  # object arrays need pickle, which is refused on purpose
+            if "pickle" not in str(exc).lower():  # a damaged header, not an object array
+                raise DataError(
+                    f"{path} has a damaged array ({_reason(exc)}); write the file again "
+                    f"({NPZ_FORMAT})"
+                ) from exc
             raise DataError(
                 f"{path} holds an object array ({exc}); save classes as np.array(list_of_str) "
                 "and images/labels as numeric arrays"
+            ) from exc
+        except Exception as exc:  # a bad CRC, a truncated or undecompressable member, ...
+            raise DataError(
+                f"{path} has a damaged array ({_reason(exc)}); write the file again "
+                f"({NPZ_FORMAT})"
             ) from exc
     images = arrays["images"]
     check_images(images, f"{path} key 'images'", NPZ_FORMAT)
@@ -87,18 +137,18 @@ def load_npz(path: str | Path | None = None, *, image_size: int | None = None) -
         )
     else:
         test_images = test_labels = None
-    top = int(labels.max(initial=-1))
-    if test_labels is not None:
-        top = max(top, int(test_labels.max(initial=-1)))
     if "classes" in arrays:
         classes = [str(c) for c in np.asarray(arrays["classes"]).reshape(-1)]
+        top = max(int(labels.max(initial=-1)),
+                  -1 if test_labels is None else int(test_labels.max(initial=-1)))
         if top >= len(classes):
             raise DataError(
-                f"{path} key 'classes' names {len(classes)} classes but 'labels' reach {top}; "
+                f"{path} key 'classes' names {len(classes)} classes but the labels reach {top}; "
                 "save one name per class"
             )
     else:
-        classes = [str(i) for i in range(top + 1)]
+        classes = [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+    check_classes(labels, test_labels, len(classes), path)
     side = min(images.shape[1], images.shape[2])
     image_size = side if image_size is None else int(image_size)
     if not 0 < image_size <= side:

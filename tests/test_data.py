@@ -6,9 +6,11 @@ import io
 import math
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +132,7 @@ def test_cifar_missing_names_folder_and_fix(tmp_path: Path, name: str, folder: s
     with pytest.raises(DataError) as err:
         load_arrays(name, tmp_path)
     message = str(err.value)
-    assert str(tmp_path / folder) in message and "--download" in message
+    assert str(tmp_path / folder) in message and "--no-download" in message
     assert "\n" not in message
 
 
@@ -331,9 +333,29 @@ def test_imagewoof_other_locations_and_missing(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError) as err:
         load_arrays("imagewoof", tmp_path / "none")
-    assert "imagewoof2-320" in str(err.value) and "--download" in str(err.value)
+    assert "imagewoof2-320" in str(err.value) and "--no-download" in str(err.value)
     with pytest.raises(DataError, match="cache_size"):
         load_arrays("imagewoof", tmp_path / "mine", cache_size=32, image_size=48)
+
+
+def test_imagewoof_160_fallback_warns_once(tmp_path: Path) -> None:
+    write_woof(tmp_path / "imagewoof2-160", n_train=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        arrays = load_arrays("imagewoof", tmp_path)  # default cache_size 256 > 160
+    assert arrays.train_images.shape[1:] == (256, 256, 3)
+    assert [w.category for w in caught] == [UserWarning]
+    text = str(caught[0].message)
+    assert "\n" not in text and str(tmp_path / "imagewoof2-160") in text
+    assert "160-px Imagewoof release" in text and "upsampled to the requested 256 px" in text
+    assert "--no-download" in text and "imagewoof2-320.tgz" in text
+    # Not upsampled (cache at most 160 px), or the 320-px release: nothing to say.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_arrays("imagewoof", tmp_path, cache_size=160, image_size=128)
+        (tmp_path / "imagewoof2-160").rename(tmp_path / "imagewoof2-320")
+        load_arrays("imagewoof", tmp_path, download=True)
+    assert caught == []
 
 
 def test_build_data_imagewoof(tmp_path: Path) -> None:
@@ -607,3 +629,54 @@ def test_package_imports_no_tuning_stack() -> None:
         check=True,
     )
     assert out.stdout.strip() == "[]"
+
+
+def _labelled_npz(path: Path, labels, **more) -> Path:
+    labels = np.asarray(labels, dtype=np.int64)
+    images = np.zeros((len(labels), 8, 8, 3), np.uint8)
+    np.savez(path, images=images, labels=labels, **more)
+    return path
+
+
+@pytest.mark.parametrize(
+    "labels, more, match",
+    [
+        ([0, 1000, 2000] * 5, {}, "leaves classes 1, 2, 3, 4, 5, ... of 0..2000 without"),
+        ([0, 2] * 5, {"classes": np.array(list("abc"))}, "leaves classes 1 of 0..2 without"),
+        ([1, 2] * 5, {}, "leaves classes 0 of 0..2 without"),
+        ([], {}, "has no training images"),
+        (
+            [0, 1] * 5,
+            {"test_images": np.zeros((2, 8, 8, 3), np.uint8), "test_labels": np.array([1, 5])},
+            "classes never seen in training (5)",
+        ),
+    ],
+)
+def test_npz_labels_must_number_the_training_classes_densely(
+    tmp_path: Path, labels, more, match
+) -> None:
+    path = _labelled_npz(tmp_path / "l.npz", labels, **more)
+    with pytest.raises(DataError, match=re.escape(match)):
+        load_arrays("npz", tmp_path, path=path)
+
+
+def test_npz_with_one_class_warns(tmp_path: Path) -> None:
+    path = _labelled_npz(tmp_path / "one.npz", [0] * 10)
+    with pytest.warns(UserWarning, match="single class") as caught:
+        arrays = load_arrays("npz", tmp_path, path=path)
+    assert len(caught) == 1 and arrays.classes == ["0"]
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_with_a_damaged_member_is_a_data_error(tmp_path: Path, compressed: bool) -> None:
+    path = tmp_path / "d.npz"
+    save = np.savez_compressed if compressed else np.savez
+    rng = np.random.default_rng(0)
+    save(path, images=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8), labels=np.arange(20) % 2)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"images.npy") + len(b"images.npy") + 300  # inside the member's data
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="has a damaged array") as info:
+        load_arrays("npz", tmp_path, path=path)
+    assert len(str(info.value).splitlines()) == 1
