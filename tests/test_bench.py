@@ -297,3 +297,36 @@ def test_compiled_objective_matches_eager_and_does_not_recompile_as_eta_changes(
     # The first graph specializes on eta; the second takes it as an input, for good.
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("where", ["proc", "folder", "under_file"])
+@pytest.mark.parametrize("mode", [[], ["--inference"], ["--search-overhead"]])
+def test_an_unwritable_out_is_refused_before_benchmarking(tmp_path, capsys, monkeypatch,
+                                                          where, mode):
+    """The results are written last: a place they cannot go must fail first, not after the
+    whole benchmark."""
+    def ran(*args, **kwargs):
+        raise AssertionError("benchmarked before the bad --out was refused")
+
+    monkeypatch.setattr(bench, "run", ran)
+    for name in ("tuning.inference", "tuning.overhead"):
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(main=ran))
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    out = {"proc": "/proc/bench.json", "folder": str(tmp_path),
+           "under_file": str(taken / "bench.json")}[where]
+    expect = {"proc": "cannot be written", "folder": "is a folder, not a file",
+              "under_file": "is a file, not a folder"}[where]
+    before = sorted(tmp_path.iterdir())
+    code = bench.main([*mode, "--quick", "--device", "cpu", "--out", out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "results file (--out)" in err[0], err
+    assert expect in err[0], err
+    assert sorted(tmp_path.iterdir()) == before and taken.read_text() == "mine"
+
+
+def test_a_bad_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--configs", "18x7"])
+    assert exit_.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

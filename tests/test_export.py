@@ -176,3 +176,86 @@ def test_quick_inference_benchmark_writes_every_field(tmp_path, capsys):
             assert row[kind]["median_ms"] > 0 and row[kind]["runs"] >= 3
         assert row["memory_ratio"] == pytest.approx(1.5)
     assert "speedup" in capsys.readouterr().out
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def _one_line_2(argv: list[str], capsys, expect: str) -> str:
+    capsys.readouterr()
+    assert export_mod.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], err
+    return err[0]
+
+
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+def test_unknown_run_id_without_a_tracking_store_creates_nothing(tmp_path, capsys,
+                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for arg in (RUN_ID, f"runs:/{RUN_ID}"):
+        line = _one_line_2([arg], capsys, "there is no MLflow tracking store at sqlite:///")
+        assert "mlflow.db does not exist" in line
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(tmp_path / "mlruns"))  # a file store
+    _one_line_2([RUN_ID], capsys, "there is no MLflow tracking store")
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns/, no exports/
+
+
+def test_unknown_run_id_in_an_existing_store_creates_no_exports_folder(tmp_path, capsys,
+                                                                       monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    run = c.create_run(c.create_experiment("e", artifact_location=(tmp_path / "art").as_uri()))
+    before = _tree(tmp_path)
+    _one_line_2([RUN_ID], capsys, f"there is no MLflow run {RUN_ID}")
+    # A run that exists but holds no model.pt is refused as well, and creates nothing.
+    _one_line_2([run.info.run_id], capsys, "has no model.pt artifact")
+    assert _tree(tmp_path) == before and not (tmp_path / "exports").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "proc", "under_file"])
+def test_an_unwritable_out_is_refused_before_exporting(tmp_path, capsys, monkeypatch, where):
+    _, run = _saved(tmp_path, "none", False)
+
+    def exported(*args, **kwargs):
+        raise AssertionError("exported before the bad --out was refused")
+
+    monkeypatch.setattr(export_mod, "fold_batchnorm", exported)
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    out = {"file": taken, "proc": Path("/proc/plainkd-export"), "under_file": taken / "x"}[where]
+    before = _tree(tmp_path)
+    line = _one_line_2([str(run), "--out", str(out)], capsys, "export folder (--out)")
+    assert ("is a file" in line) if where != "proc" else ("cannot be written" in line)
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(("change", "expect"), [
+    ({"arch": None}, "has none as its 'arch'"),
+    ({"arch": {"depth": 18}}, "unusable 'arch'"),
+])
+def test_a_model_file_with_a_bad_arch_is_one_line(tmp_path, capsys, change, expect):
+    _, run = _saved(tmp_path, "none", False)
+    meta = torch.load(run / MODEL_NAME, weights_only=True)
+    meta.update(change)
+    torch.save(meta, run / MODEL_NAME)
+    _one_line_2([str(run)], capsys, expect)
+    assert not (run / "export").exists()
+
+
+def test_a_bad_flag_is_one_line(capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        export_mod.main(["x", "--formats", "gif"])
+    assert exit_.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

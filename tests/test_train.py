@@ -225,7 +225,9 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, cap
         "unknown_dataset": (["--dataset", "mnist"], "dataset must be one of"),
         "unknown_method": (["--method", "dino"], "method must be one of"),
         "bad_depth": (["--depth", 50], "depth must be one of 18, 34"),
-        "missing_cifar": (["--dataset", "cifar100", "--method", "ce"], "--download"),
+        # Downloads are on by default: --no-download keeps this test off the network.
+        "missing_cifar": (["--dataset", "cifar100", "--method", "ce", "--no-download"],
+                          "drop --no-download"),
         "teacher_classes": (["--teacher", tmp_path / "three" / "model.pt"],
                             "trained on npz (3 classes) but this run uses digits (10 classes)"),
         "teacher_truncated": (["--teacher", truncated], "truncated or corrupt"),
@@ -235,6 +237,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, cap
         "bad_yaml": (["--config", bad_yaml], "not valid YAML at line"),
         "unknown_flag": (["--alpah", 0.3], "unrecognized arguments: --alpah"),
     }[case]
+    if case == "resume_missing":  # --resume takes no other flags (see the test below)
+        base = ["--out", out, "--quiet"]
     code, err = run_cli(base + args, capsys)
     assert code == 2, err
     assert expect in err
@@ -295,3 +299,244 @@ def test_momentum_is_what_the_config_says_and_what_is_logged(tmp_path):
     assert logged["cycled"][0] < logged["cycled"][-1] == pytest.approx(0.95, abs=5e-3)
     assert logged["flat"] == [0.9] * 4
 
+
+
+# ---- bad input found by a hostile tester: each through the CLI, one line, exit 2, nothing
+# ---- written.
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for folders): what a failed run must keep."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def _refused(code: int, err: str, expect: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert expect in lines[0], err
+
+
+def _no_training(monkeypatch):
+    """Makes any training fail the test: the checks must come before the work."""
+    import tuning.train as train_mod
+
+    def trained(*args, **kwargs):
+        raise AssertionError("training started before the bad input was refused")
+
+    monkeypatch.setattr(train_mod, "train", trained)
+
+
+def _model_file(path: Path, *, shortcut: str = "all", width: int = 4, **changes) -> Path:
+    """A digits model.pt as the trainer writes it (random weights), with `changes` applied to
+    its metadata (None deletes a key)."""
+    import types
+
+    from models import resnet
+    from tuning.trainer import save_model
+
+    data = types.SimpleNamespace(name="digits", num_classes=10, stem="cifar",
+                                 classes=[str(i) for i in range(10)], mean=(0.5,) * 3,
+                                 std=(0.25,) * 3)
+    save_model(resnet(18, shortcut=shortcut, width=width), path, cfg=RunConfig(), data=data,
+               metrics={})
+    if changes:
+        meta = torch.load(path, weights_only=True)
+        for key, value in changes.items():
+            if value is None:
+                meta.pop(key)
+            else:
+                meta[key] = value
+        torch.save(meta, path)
+    return path
+
+
+@pytest.mark.parametrize("where", ["proc", "file", "under_file"])
+def test_cli_refuses_an_unwritable_out_before_training(where, tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    afile = tmp_path / "taken"
+    afile.write_text("mine")
+    out = {"proc": "/proc/plainkd-run", "file": afile, "under_file": afile / "run"}[where]
+    expect = {"proc": "cannot be written", "file": "is a file, not a folder",
+              "under_file": "is a file, not a folder"}[where]
+    before = _tree(tmp_path)
+    code, err = run_cli(["--method", "ce", "--width", 4, "--epochs", 1, "--out", out,
+                         "--quiet"], capsys)
+    _refused(code, err, expect)
+    assert "--out" in err and _tree(tmp_path) == before and afile.read_text() == "mine"
+    assert not Path("/proc/plainkd-run").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--seed", 3], ["--epochs=5"], ["--lr", "0.1"], ["--no-compile"], ["--config", "c.yaml"],
+    ["--method", "kd", "--teacher", "t.pt"],
+])
+def test_cli_resume_refuses_every_other_flag(flags, tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    Path("c.yaml").write_text("method: ce\n")
+    before = _tree(tmp_path)
+    code, err = run_cli(["--resume", "--out", tmp_path / "run", "--quiet", *flags], capsys)
+    _refused(code, err, "--resume continues the run with its saved config")
+    assert flags[0].split("=")[0] in err and "--out, --quiet, --no-test" in err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(("change", "expect"), [
+    ({"arch": None}, "has none as its 'arch'"),
+    ({"arch": "resnet18"}, "has a str as its 'arch'"),
+    ({"arch": {"depth": 18}}, "unusable 'arch'"),
+    ({"arch": {"depth": 50, "shortcut": "all", "stem": "cifar", "num_classes": 10, "width": 4,
+               "dirac": False}}, "unusable 'arch'"),
+    ({"arch": {"depth": 18, "shortcut": "all", "stem": "cifar", "num_classes": 10,
+               "width": "4", "dirac": False}}, "unusable 'arch' (bad or missing width)"),
+    ({"state_dict": None}, "holds no weights"),
+    ({"format": "plainkd-checkpoint/1"}, "not a trained model"),
+])
+def test_cli_refuses_a_teacher_with_a_bad_arch(change, expect, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    teacher = _model_file(tmp_path / "teacher.pt", **change)
+    out = tmp_path / "out"
+    code, err = run_cli(["--method", "alignkd", "--teacher", teacher, "--width", 4,
+                         "--epochs", 1, "--out", out, "--quiet"], capsys)
+    _refused(code, err, expect)
+    assert str(teacher) in err and not out.exists()
+
+
+def test_cli_resume_refuses_a_model_file_as_checkpoint(tmp_path, capsys, teacher_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(RunConfig(method="ce", shortcut="all", **THIN).to_yaml())
+    (run / CHECKPOINT_NAME).write_bytes(teacher_path.read_bytes())  # a model.pt in its place
+    before = _tree(run)
+    code, err = run_cli(["--resume", "--out", run, "--quiet"], capsys)
+    _refused(code, err, "is not a checkpoint")
+    assert "plainkd-model/1" in err and _tree(run) == before
+
+
+@pytest.mark.parametrize("method", ["alignkd", "jointrd"])
+def test_cli_refuses_a_teacher_of_another_width(method, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    teacher = _model_file(tmp_path / "wide.pt", width=8)
+    out = tmp_path / "out"
+    code, err = run_cli(["--method", method, "--teacher", teacher, "--width", 4, "--epochs", 1,
+                         "--batch-size", 64, "--out", out, "--quiet"], capsys)
+    _refused(code, err, "has width 8 but the student's width is 4")
+    assert "--width 8" in err and not out.exists()
+
+
+def test_cli_warns_once_of_a_plain_teacher_and_trains(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    teacher = _model_file(tmp_path / "plain.pt", shortcut="none")
+    out = tmp_path / "out"
+    code, err = run_cli(["--method", "kd", "--teacher", teacher, "--width", 4, "--epochs", 1,
+                         "--batch-size", 64, "--device", "cpu", "--out", out, "--quiet"],
+                        capsys)
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning:") and "Plain-CNN" in lines[0], err
+    assert (out / "model.pt").is_file()
+
+
+def _npz(path: Path, labels, test_labels=None, n_test: int | None = None) -> Path:
+    rng = np.random.default_rng(0)
+    labels = np.asarray(labels)
+    arrays = {"images": rng.integers(0, 255, (len(labels), 32, 32, 3), dtype=np.uint8),
+              "labels": labels}
+    if test_labels is not None:
+        arrays["test_labels"] = np.asarray(test_labels, dtype=np.int64)
+        arrays["test_images"] = rng.integers(0, 255, (len(test_labels), 32, 32, 3),
+                                             dtype=np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+def _bad_crc(path: Path) -> Path:
+    """An npz whose 'labels' member fails its CRC: one byte of its data flipped."""
+    _npz(path, np.arange(60) % 3)
+    raw = bytearray(path.read_bytes())
+    # The member's local header comes first (its central directory entry last): 200 bytes on
+    # lie past its extra field and .npy header, inside the labels themselves.
+    at = raw.find(b"labels.npy") + len(b"labels.npy") + 200
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize(("case", "expect"), [
+    ("bad_crc", "has a damaged array"),
+    ("sparse", "without a training image"),
+    ("negative", "negative labels"),
+    ("unseen_test", "classes never seen in training (3)"),
+    ("empty", "has no training images"),
+])
+def test_cli_refuses_bad_npz_labels_and_damage(case, expect, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "set.npz"
+    if case == "bad_crc":
+        _bad_crc(path)
+    elif case == "sparse":
+        _npz(path, np.array([0, 1000, 2000] * 20))
+    elif case == "negative":
+        _npz(path, np.arange(60) % 3 - 1)
+    elif case == "unseen_test":
+        _npz(path, np.arange(60) % 3, test_labels=[0, 1, 3])
+    else:
+        _npz(path, np.zeros(0, np.int64))
+    out = tmp_path / "out"
+    code, err = run_cli(["--method", "ce", "--dataset", "npz", "--data-path", path, "--width", 4,
+                         "--epochs", 1, "--out", out, "--quiet"], capsys)
+    _refused(code, err, expect)
+    assert not out.exists()
+
+
+def test_cli_warns_once_of_a_one_class_training_set(tmp_path):
+    """A real process: the warning reaches stderr as one line, and the run still trains."""
+    import subprocess
+    import sys
+
+    path = _npz(tmp_path / "one.npz", np.zeros(40, np.int64))
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuning.train", "--method", "ce", "--dataset", "npz",
+         "--data-path", str(path), "--width", "4", "--epochs", "1", "--device", "cpu",
+         "--out", str(tmp_path / "out"), "--quiet"],
+        cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning:") and "single class" in lines[0], \
+        proc.stderr
+    assert (tmp_path / "out" / "model.pt").is_file()
+
+
+def test_cli_reports_empty_val_and_test_splits_as_none(tmp_path, capsys):
+    path = _npz(tmp_path / "no-test.npz", np.arange(40) % 2, test_labels=[])
+    out = tmp_path / "out"
+    code = main(["--method", "ce", "--dataset", "npz", "--data-path", str(path), "--width", "4",
+                 "--epochs", "1", "--val-fraction", "0", "--device", "cpu", "--out", str(out),
+                 "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "best val_acc none (last none), test_acc none" in printed, printed
+    _, meta = load_model(out / "model.pt")
+    assert math.isnan(meta["metrics"]["test_acc"]) and math.isnan(meta["metrics"]["val_acc"])
+
+
+def test_a_damaged_checkpoint_is_set_aside_not_rotated_over_the_good_one(tmp_path, capsys):
+    """Truncate checkpoint.pt and resume: the run falls back to .prev, keeps the damaged file
+    as checkpoint.pt.damaged, and .prev stays a loadable checkpoint throughout."""
+    out = tmp_path / "run"
+    args = ["--method", "ce", "--shortcut", "all", "--width", "4", "--epochs", "3",
+            "--batch-size", "256", "--checkpoint-interval-s", "0", "--device", "cpu",
+            "--data-root", str(tmp_path / "data"), "--out", str(out), "--quiet", "--no-test"]
+    assert main(args) == 0
+    ckpt = out / CHECKPOINT_NAME
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # damaged: a truncated zip
+    assert main(["--resume", "--out", str(out), "--quiet", "--no-test"]) == 0
+    assert "falling back" in capsys.readouterr().err
+    assert (out / "checkpoint.pt.damaged").stat().st_size == 1000
+    assert load_checkpoint(out / "checkpoint.pt.prev")["epoch"] == 2  # the good fallback
+    assert load_checkpoint(ckpt)["epoch"] == 3

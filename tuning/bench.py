@@ -26,10 +26,11 @@ from data import DeviceLoader
 from data.bundle import AUGMENT_BY_STEM, NORMALIZATION
 from losses import OBJECTIVES
 from models import freeze, resnet
-from tuning.checkpoint import atomic_write_text
+from tuning.checkpoint import atomic_write_text, check_output_file
 from tuning.config import METHODS, RunConfig, UserError
 from tuning.flops import add_model_ratios, cost_model, ratio
 from tuning.step import make_optimizer, make_train_step
+from tuning.train import Parser
 from tuning.trainer import describe_device, objective_kwargs, resolve_device
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -204,7 +205,7 @@ def format_tables(report: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Flags; unset sizes fall back to --quick's, then to the device type's defaults."""
-    p = argparse.ArgumentParser(prog="python -m tuning.bench", description=__doc__.split("\n")[0])
+    p = Parser(prog="tuning.bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, help="batch at 32 px (default 512 cuda, 32 cpu)")
     p.add_argument("--batch-size-224", type=int,
@@ -297,9 +298,30 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     }
 
 
+OUT_FIX = "pass --out a .json path in a folder that can be created and written"
+
+
+def _given_out(argv: list[str]) -> str | None:
+    """The value of --out in argv (as --out PATH or --out=PATH), if given."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--out="):
+            return arg.split("=", 1)[1]
+        if arg == "--out" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch --inference / --search-overhead, else benchmark training; 2 on a user error."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    handed_over = "--inference" in argv or "--search-overhead" in argv
+    if handed_over and _given_out(argv) is not None:
+        # Those benchmarks write --out only at their end: check it before they start.
+        try:
+            check_output_file(_given_out(argv), what="results file (--out)", fix=OUT_FIX)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if "--inference" in argv:
         from tuning.inference import main as inference_main
 
@@ -311,14 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         device = resolve_device(args.device)
+        name = f"train-{device.type}{'-quick' if args.quick else ''}.json"
+        out = args.out or RESULTS_DIR / name
+        # Before the benchmark: results that cannot be written must not cost a whole run.
+        check_output_file(out, what="results file (--out)", fix=OUT_FIX)
         if device.type == "cpu":
             torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0))))
         report = run(args, device)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    name = f"train-{device.type}{'-quick' if args.quick else ''}.json"
-    out = args.out or RESULTS_DIR / name
     atomic_write_text(out, json.dumps(report, indent=2, allow_nan=False) + "\n")
     print(format_tables(report))
     print(f"wrote {out}")

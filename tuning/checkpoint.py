@@ -25,6 +25,55 @@ class CheckpointError(UserError):
     """A checkpoint or model file that cannot be used."""
 
 
+def _probe(folder: Path, target: Path, what: str, fix: str) -> None:
+    """UserError unless a folder can be made (and removed again) in `folder`."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".probe-"))
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"{what} {target} cannot be written: nothing can be created in "
+                        f"{folder} ({reason}); {fix}") from None
+
+
+def _check_folder(folder: Path, target: Path, what: str, fix: str) -> None:
+    """UserError unless `folder` (which will hold `target`, or is it) is a writable folder or
+    can be created as one."""
+    if folder.exists() or folder.is_symlink():
+        if not folder.is_dir():
+            raise UserError(f"{what} {target} cannot be written: {folder} is a file, not a "
+                            f"folder; {fix}")
+        _probe(folder, target, what, fix)
+        return
+    parent = next((p for p in folder.absolute().parents if p.exists() or p.is_symlink()),
+                  Path(folder.absolute().anchor))
+    if not parent.is_dir():
+        raise UserError(f"{what} {target} cannot be created: {parent} is a file, not a folder; "
+                        f"{fix}")
+    _probe(parent, target, what, fix)
+
+
+def check_output_dir(path: str | Path, *, what: str = "output folder",
+                     fix: str = "pass a writable folder") -> None:
+    """UserError unless `path` is a writable folder, or one that can be created.
+
+    Run before any work, so that a bad location fails at once. It creates nothing: a probe
+    folder is made in the folder (or its nearest existing parent) and removed at once.
+    """
+    path = Path(path).expanduser()
+    _check_folder(path, path, what, fix)
+
+
+def check_output_file(path: str | Path, *, what: str = "output file",
+                      fix: str = "pass a writable file path") -> None:
+    """UserError unless `path` can be written as atomic_write_bytes writes it (through a temp
+    file beside it): it is no folder, and its folder is writable or can be created.
+    Creates nothing."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file; {fix}")
+    _check_folder(path.parent, path, what, fix)
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Write through a temp file in the same folder, fsync, then rename over `path`.
 
@@ -89,12 +138,27 @@ def load_checkpoint(path: Path) -> dict:
     prev = path.with_name(path.name + ".prev")
     fix = "delete it to start the run afresh"
     try:
-        return safe_load(path, what="checkpoint", fix=fix)
+        state = safe_load(path, what="checkpoint", fix=fix)
     except CheckpointError as err:
         if not prev.is_file():
             raise
-        warnings.warn(f"{err}; falling back to the previous checkpoint {prev}", stacklevel=2)
-        return safe_load(prev, what="checkpoint", fix=fix)
+        state = safe_load(prev, what="checkpoint", fix=fix)
+        # The damaged file is set aside for inspection, so that the next save cannot rotate
+        # it over the good one as the new `.prev`.
+        damaged = path.with_name(path.name + ".damaged")
+        if path.exists():
+            os.replace(path, damaged)
+        warnings.warn(f"{err}; falling back to the previous checkpoint {prev} (the damaged "
+                      f"one is kept as {damaged})", stacklevel=2)
+        path = prev
+    # Another of this project's files in a checkpoint's place (a model.pt copied over it) is
+    # a mistake to report, not damage to fall back from.
+    if state.get("format") != CHECKPOINT_FORMAT:
+        kind = " (a trained model file)" if state.get("format") == MODEL_FORMAT else ""
+        raise CheckpointError(f"{path} is not a checkpoint: it is a {state.get('format')} "
+                              f"file{kind}, not {CHECKPOINT_FORMAT}; put the run's own "
+                              "checkpoint.pt back, or start the run afresh in a new folder")
+    return state
 
 
 @contextmanager

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,8 @@ from models import BLOCKS, SHORTCUTS
 
 METHODS = ("ce", "kd", "alignkd", "jointrd")
 PATH_DATASETS = ("npz", "imagewoof")  # the data sets that read data_path
+# A number as text: YAML reads 1e-3 (no dot) as a string, so a float field converts it.
+FLOAT_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
 
 class UserError(Exception):
@@ -32,7 +37,7 @@ class RunConfig:
     dataset: str = "digits"
     data_root: str = "./datasets"
     data_path: str | None = None  # the .npz file, or an Imagewoof folder
-    download: bool = False
+    download: bool = True  # fetch a missing CIFAR or Imagewoof into data_root (--no-download)
     val_fraction: float = 0.1
     split_seed: int = 0  # fixed across trials so that every trial sees the same val split
     depth: int = 18
@@ -75,6 +80,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field and what is allowed."""
+        for f in fields(self):  # every field's type first, then its allowed values
+            _typed(f.name, getattr(self, f.name), _field_types()[f.name])
         _choice("method", self.method, METHODS)
         _choice("dataset", self.dataset, DATASETS)
         _choice("depth", self.depth, tuple(BLOCKS))
@@ -88,6 +95,8 @@ class RunConfig:
         for name in ("width", "epochs", "batch_size"):
             _integer(name, getattr(self, name), 1)
         _integer("eta_epochs", self.eta_epochs, 0)
+        for name in ("seed", "split_seed"):  # numpy and torch generators take 0 .. 2**63-1
+            _integer(name, getattr(self, name), 0, 2**63 - 1)
         _number("lr", self.lr, 0.0, low_open=True)
         _number("max_lr_factor", self.max_lr_factor, 1.0)
         _number("pct_start", self.pct_start, 0.0, 1.0, low_open=True)
@@ -127,11 +136,19 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> RunConfig:
+        """A validated RunConfig; a float field also takes a number written as text ("1e-3",
+        which YAML reads as a string)."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of keys to values, got "
+                              f"{type(values).__name__}")
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
+        unknown = sorted((k for k in values if k not in known), key=str)
         if unknown:
             raise ConfigError(f"{source}: unknown key {unknown[0]!r}; allowed keys: "
                               f"{', '.join(known)}")
+        types = _field_types()
+        values = {k: float(v) if float in types[k][0] and isinstance(v, str)
+                  and FLOAT_TEXT.fullmatch(v) else v for k, v in values.items()}
         try:
             return cls(**values)
         except ConfigError as err:
@@ -150,19 +167,64 @@ class RunConfig:
 
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text())
+            text = path.read_bytes().decode("utf-8")
+            values = yaml.safe_load(text)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist; check the path") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory; pass the YAML file in it") \
+                from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?); pass a "
+                              "YAML file of key: value lines") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read ({err.strerror or err}); "
+                              "check its permissions") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"config file {path} is not valid YAML{where}; fix its syntax") \
                 from None
         if values is None:
-            values = {}
+            raise ConfigError(f"config file {path} is empty (or only comments); write its "
+                              "key: value lines, e.g. method: ce")
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         return cls.from_dict(values, source=str(path))
+
+
+@functools.cache
+def _field_types() -> dict[str, tuple[tuple[type, ...], bool]]:
+    """Each field's allowed Python types, and whether it may be None."""
+    out = {}
+    for name, hint in typing.get_type_hints(RunConfig).items():
+        args = typing.get_args(hint) if typing.get_origin(hint) is not dict else ()
+        optional = type(None) in args
+        kinds = [a for a in args if a is not type(None)] or [typing.get_origin(hint) or hint]
+        out[name] = (tuple(kinds), optional)
+    return out
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               dict: "a mapping"}
+
+
+def _typed(name: str, value: Any, spec: tuple[tuple[type, ...], bool]) -> None:
+    """ConfigError unless value has the field's type: ints are ints (not bools), floats any
+    int or float (not bools), bools only bools, strings only strings."""
+    kinds, optional = spec
+    if value is None and optional:
+        return
+    kind = kinds[0]
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        word = _TYPE_WORDS.get(kind, kind.__name__) + (" or null" if optional else "")
+        raise ConfigError(f"{name} must be {word}; got {value!r} ({type(value).__name__})")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -175,9 +237,11 @@ def _boolean(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be true or false; got {value!r}")
 
 
-def _integer(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+def _integer(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or \
+            (high is not None and value > high):
+        upto = f" and <= {high}" if high is not None else ""
+        raise ConfigError(f"{name} must be an integer >= {low}{upto}; got {value!r}")
 
 
 def _number(name: str, value: Any, low: float, high: float = math.inf, *,

@@ -13,7 +13,10 @@ import io
 import json
 import math
 import re
+import shutil
 import sys
+import tempfile
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +26,14 @@ import torch
 from torch import nn
 
 from models import DiracConv2d, fold_batchnorm
-from tuning.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text
+from tuning.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output_dir,
+)
 from tuning.config import UserError
+from tuning.train import Parser
 from tuning.trainer import MODEL_NAME, load_model
 
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}
@@ -46,10 +55,23 @@ def _path_source(arg: str) -> Path | None:
     return path if path.exists() else None
 
 
+def _local_store(uri: str) -> Path | None:
+    """The file or folder of a local tracking store (sqlite:/// or file:), else None."""
+    if uri.startswith("sqlite:///"):
+        # sqlite:///rel.db is relative to the working folder, sqlite:////abs.db absolute.
+        return Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:"):
+        return Path(urllib.parse.urlparse(uri).path)
+    if "://" not in uri:
+        return Path(uri)
+    return None
+
+
 def _mlflow_source(arg: str) -> Path | None:
     """An MLflow run id (or runs:/<id>): its model.pt artifact, fetched into exports/<id>/.
 
-    The tracking store is $MLFLOW_TRACKING_URI, else the local sqlite:///mlflow.db.
+    The tracking store is $MLFLOW_TRACKING_URI, else the local sqlite:///mlflow.db. Nothing
+    is created (no tracking store, no exports/ folder) unless the run and its model.pt exist.
     """
     run_id = arg.removeprefix("runs:/").strip("/")
     if not re.fullmatch(r"[0-9a-f]{32}", run_id):
@@ -57,16 +79,44 @@ def _mlflow_source(arg: str) -> Path | None:
     from tuning.search.tracking import check_reachable, client, default_tracking_uri
 
     uri = default_tracking_uri()
-    check_reachable(uri)
-    dest = Path("exports") / run_id
-    dest.mkdir(parents=True, exist_ok=True)
+    store = _local_store(uri)
+    fix = "pick a finished trial's run, or set MLFLOW_TRACKING_URI to the store that holds it"
+    if store is not None:
+        # Opening a missing local store would create an empty one (mlflow.db, mlruns/).
+        if not store.exists():
+            raise CheckpointError(f"{arg} is no file or run directory, and there is no MLflow "
+                                  f"tracking store at {uri} ({store} does not exist) to look "
+                                  f"the run up in; {SOURCE_FIX}, or set MLFLOW_TRACKING_URI")
+    else:
+        check_reachable(uri)
+    c = client(uri)
     try:
-        local = client(uri).download_artifacts(run_id, MODEL_NAME, str(dest))
-    except Exception as err:  # noqa: BLE001 - any MLflow failure is "no such model"
-        raise CheckpointError(f"MLflow run {run_id} in {uri} has no {MODEL_NAME} artifact "
-                              f"({str(err).splitlines()[0][:120]}); pick a finished trial's "
-                              "run, or set MLFLOW_TRACKING_URI") from None
-    return Path(local)
+        c.get_run(run_id)
+    except Exception as err:  # noqa: BLE001 - any MLflow failure is "no such run"
+        raise CheckpointError(f"there is no MLflow run {run_id} in {uri} "
+                              f"({' '.join(str(err).split())[:120]}); {fix}") from None
+    try:
+        artifacts = {a.path for a in c.list_artifacts(run_id)}
+    except Exception as err:  # noqa: BLE001
+        artifacts, reason = set(), f" ({' '.join(str(err).split())[:120]})"
+    else:
+        reason = ""
+    if MODEL_NAME not in artifacts:
+        raise CheckpointError(f"MLflow run {run_id} in {uri} has no {MODEL_NAME} artifact"
+                              f"{reason}; {fix}")
+    dest = Path("exports") / run_id
+    check_output_dir(dest, what="download folder", fix="run the export from a writable folder")
+    with tempfile.TemporaryDirectory(prefix=".export-") as tmp:
+        try:
+            local = Path(c.download_artifacts(run_id, MODEL_NAME, tmp))
+        except Exception as err:  # noqa: BLE001 - any MLflow failure is "no such model"
+            raise CheckpointError(f"MLflow run {run_id} in {uri}: its {MODEL_NAME} could not be "
+                                  f"downloaded ({' '.join(str(err).split())[:120]}); {fix}") \
+                from None
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / MODEL_NAME
+        shutil.move(str(local), target)
+    return target
 
 
 # Tried in order; the first that returns a path wins.
@@ -148,8 +198,13 @@ def _finite(value: Any) -> Any:
 def export(arg: str, out: Path | None, formats: list[str], batch_size: int,
            image_size: int | None) -> int:
     """Export, check and write; returns the exit code. Raises UserError on bad input."""
+    out_fix = "pass --out a folder that can be created and written"
+    if out is not None:  # before anything is read, fetched or written
+        check_output_dir(out, what="export folder (--out)", fix=out_fix)
     source = resolve_source(arg)
     net, meta = load_source(source)
+    out_dir = Path(out) if out is not None else source.parent / "export"
+    check_output_dir(out_dir, what="export folder", fix=out_fix)
     arch = dict(meta["arch"])
     size = image_size or (32 if arch["stem"] == "cifar" else 224)
     before = count_layers(net)
@@ -189,7 +244,6 @@ def export(arg: str, out: Path | None, formats: list[str], batch_size: int,
         print(f"error: {', '.join(failed)} output differs from the trained network beyond "
               f"rtol {RTOL}; nothing was written", file=sys.stderr)
         return 1
-    out_dir = Path(out) if out is not None else source.parent / "export"
     for name, data in files.items():
         atomic_write_bytes(out_dir / FORMATS[name], lambda f, d=data: f.write(d))
     report = {
@@ -216,8 +270,8 @@ def export(arg: str, out: Path | None, formats: list[str], batch_size: int,
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit code."""
-    p = argparse.ArgumentParser(prog="python -m tuning.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="tuning.export", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a model.pt, the run directory that holds it, or an MLflow "
                                   "run id (a finished trial's run)")
     p.add_argument("--out", type=Path, default=None,

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import typing
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from data import DataError
-from tuning.checkpoint import atomic_write_text
+from tuning.checkpoint import atomic_write_text, check_output_dir
 from tuning.config import RunConfig, UserError
 from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, DivergedError, train
 
@@ -20,6 +22,8 @@ HELP = {
     "teacher": "a trained teacher's model.pt (needed by kd, alignkd, jointrd)",
     "data_path": "the .npz file for --dataset npz, or an Imagewoof folder",
     "device": "auto, cpu or cuda[:N]",
+    "download": "fetch a missing CIFAR-10/100 or Imagewoof into --data-root (the default; "
+                "--no-download turns it off)",
     "checkpoint_interval_s": "seconds of training between checkpoints (default 30; 0: every "
                              "epoch); the last epoch always writes one",
 }
@@ -67,20 +71,60 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.method}-{cfg.dataset}-{net}{cfg.depth}-w{cfg.width}-s{cfg.seed}"
 
 
+# Flags that may go with --resume: the run continues with the config it saved.
+RESUME_FLAGS = ("--out", "--quiet", "--no-test")
+
+
+def accuracy(value: Any) -> str:
+    """An accuracy to 4 places, or "none" where there is none (an empty split: NaN)."""
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "none"
+    return f"{value:.4f}"
+
+
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
     eta = f"  eta {metrics['eta']:.3f}" if metrics["eta"] == metrics["eta"] else ""
     return (f"epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  "
-            f"train_acc {metrics['train_acc']:.4f}  val_acc {metrics['val_acc']:.4f}  "
+            f"train_acc {metrics['train_acc']:.4f}  val_acc {accuracy(metrics['val_acc'])}  "
             f"lr {metrics['lr']:.4g}{eta}  {metrics['epoch_time']:.1f}s  "
             f"{metrics['images_per_s']:,.0f} img/s")
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one stderr line (the default format adds the source line)."""
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=sys.stderr if file is None else file, flush=True)
+
+
+def _resume_conflicts(argv: list[str] | None) -> list[str]:
+    """The flags given with --resume that it would ignore, as the user spelled them."""
+    given = sys.argv[1:] if argv is None else argv
+    flags = [a.split("=", 1)[0] for a in given if a.startswith("--")]
+    return [f for f in flags if f != "--resume" and not any(
+        # argparse takes unambiguous prefixes (--qu for --quiet), so must this
+        r.startswith(f) for r in RESUME_FLAGS)]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     config_file, out = args.pop("config", None), args.pop("out", None)
     resume, quiet, no_test = args.pop("resume"), args.pop("quiet"), args.pop("no_test")
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _run(argv, config_file, out, resume, quiet, no_test, args)
+
+
+def _run(argv: list[str] | None, config_file: str | None, out: str | None, resume: bool,
+         quiet: bool, no_test: bool, args: dict[str, Any]) -> int:
     try:
         if resume:
+            if config_file is not None or args:
+                extra = _resume_conflicts(argv) or ["--config" if config_file else "a flag"]
+                raise UserError(f"--resume continues the run with its saved config, so "
+                                f"{', '.join(extra)} would be ignored; drop "
+                                f"{'them' if len(extra) > 1 else 'it'} (only "
+                                f"{', '.join(RESUME_FLAGS)} go with --resume), or start a new "
+                                "run with --out NEW_DIR")
             if out is None:
                 raise UserError("--resume needs --out DIR: the run directory to continue")
             ckpt = Path(out) / CHECKPOINT_NAME
@@ -95,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         if not resume and ((run_dir / CHECKPOINT_NAME).exists() or (run_dir / MODEL_NAME).exists()):
             raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, "
                             "or --out NEW_DIR for a new one")
+        # Before any work: a run that cannot write its results must not train first.
+        check_output_dir(run_dir, what="run folder (--out)",
+                         fix="pass --out a folder that can be created and written")
         listeners = []
         if not resume:
             def write_config(metrics: dict, ckpt: Path | None) -> None:
@@ -107,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         final = train(cfg, run_dir, listeners=listeners, evaluate_test=not no_test, quiet=quiet,
                       resume_from=run_dir / CHECKPOINT_NAME if resume else None)
     except (UserError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except DivergedError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -117,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted; continue with `python -m tuning.train --resume{where}`",
               file=sys.stderr)
         return 130
-    test = f", test_acc {final['test_acc']:.4f}" if "test_acc" in final else ""
-    print(f"done: best val_acc {final['best_val_acc']:.4f} (last {final['last_val_acc']:.4f})"
+    # No validation split leaves every val_acc NaN: then there is no best one either.
+    best = final["best_val_acc"] if math.isfinite(final["last_val_acc"]) else None
+    test = f", test_acc {accuracy(final['test_acc'])}" if "test_acc" in final else ""
+    print(f"done: best val_acc {accuracy(best)} (last {accuracy(final['last_val_acc'])})"
           f"{test}; train {final['train_time']:.1f}s, eval {final['eval_time']:.1f}s, "
           f"{final.get('images_per_s', 0):,.0f} img/s -> {run_dir / MODEL_NAME}")
     return 0

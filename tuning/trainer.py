@@ -10,7 +10,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from data import DataBundle, build_data
 from losses import OBJECTIVES
 from models import freeze, resnet
 from tuning.checkpoint import (
+    CHECKPOINT_FORMAT,
     MODEL_FORMAT,
     CheckpointError,
     atomic_torch_save,
@@ -69,39 +71,104 @@ def describe_device(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+# What a model file's "arch" holds: resnet()'s arguments, each of this type.
+ARCH_TYPES = {"depth": int, "shortcut": str, "stem": str, "num_classes": int, "width": int,
+              "dirac": bool}
+
+
+def _check_arch(arch: Any, path: Path, fix: str) -> dict[str, Any]:
+    """A model file's arch as resnet() arguments; CheckpointError if missing or malformed."""
+    if not isinstance(arch, dict):
+        got = "none" if arch is None else f"a {type(arch).__name__}"
+        raise CheckpointError(f"model file {path} has {got} as its 'arch' (the network's "
+                              f"depth, shortcut, stem, num_classes, width, dirac); {fix}")
+    bad = sorted(set(arch) ^ set(ARCH_TYPES), key=str)
+    bad += [k for k, kind in ARCH_TYPES.items() if k in arch and (
+        not isinstance(arch[k], kind) or (kind is int and isinstance(arch[k], bool)))]
+    if bad:
+        raise CheckpointError(f"model file {path} has an unusable 'arch' (bad or missing "
+                              f"{', '.join(map(str, bad[:3]))}); {fix}")
+    return dict(arch)
+
+
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """A saved model.pt as (network, metadata), loaded with weights_only=True."""
+    """A saved model.pt as (network, metadata), loaded with weights_only=True.
+
+    Anything wrong with the file (damage, another format, a malformed arch or weights that
+    do not fit it) is one CheckpointError naming the file and the fix.
+    """
     fix = "train one with `python -m tuning.train --method ce --shortcut all` and pass its model.pt"
-    meta = safe_load(Path(path), what="model file", fix=fix)
+    path = Path(path)
+    meta = safe_load(path, what="model file", fix=fix)
     if meta.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{path} is a {meta.get('format')} file, not a trained model; {fix}")
-    net = resnet(**meta["arch"])
+        kind = " (a training checkpoint)" if meta.get("format") == CHECKPOINT_FORMAT else ""
+        raise CheckpointError(f"{path} is a {meta.get('format')} file{kind}, not a trained "
+                              f"model; {fix}")
+    arch = _check_arch(meta.get("arch"), path, fix)
     try:
-        net.load_state_dict(meta["state_dict"], strict=True)
-    except RuntimeError as err:
+        net = resnet(**arch)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"model file {path} has an unusable 'arch' ({err}); {fix}") \
+            from None
+    state = meta.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"model file {path} holds no weights ('state_dict'); {fix}")
+    try:
+        net.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"model file {path} does not match its architecture "
-                              f"({str(err).splitlines()[0]}); {fix}") from None
+                              f"({str(err).splitlines()[0][:200]}); {fix}") from None
     return net.to(device), meta
+
+
+def data_meta(data: DataBundle) -> dict[str, Any]:
+    """What a model file records of its data: enough to load and feed it without the data."""
+    return {"dataset": data.name, "num_classes": data.num_classes,
+            "classes": list(data.classes), "stem": data.stem, "mean": list(data.mean),
+            "std": list(data.std)}
 
 
 def save_model(net: nn.Module, path: Path, *, cfg: RunConfig, data: DataBundle,
                metrics: dict[str, Any]) -> None:
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     atomic_torch_save({
-        "format": MODEL_FORMAT, "arch": dict(net.arch), "dataset": data.name,
-        "num_classes": data.num_classes, "classes": list(data.classes), "stem": data.stem,
-        "mean": list(data.mean), "std": list(data.std),
+        "format": MODEL_FORMAT, "arch": dict(net.arch), **data_meta(data),
         "config": cfg.to_dict(), "metrics": metrics, "state_dict": state,
     }, path)
 
 
+def model_from_checkpoint(checkpoint: Path, path: Path) -> int:
+    """Write the model of a training checkpoint as a model file (a trial stopped early has no
+    other); returns the checkpoint's epoch."""
+    state = load_checkpoint(Path(checkpoint))
+    cfg = RunConfig.from_dict(state["config"], source=str(checkpoint))
+    meta = state.get("data")
+    if meta is None:
+        raise CheckpointError(f"checkpoint {checkpoint} predates the data it needs to be a "
+                              "model file; nothing was written")
+    arch = {"depth": cfg.depth, "shortcut": cfg.shortcut, "stem": meta["stem"],
+            "num_classes": meta["num_classes"], "width": cfg.width, "dirac": cfg.dirac}
+    net = resnet(**arch)
+    net.load_state_dict(state["model"])
+    atomic_torch_save({
+        "format": MODEL_FORMAT, "arch": dict(net.arch), **meta, "config": cfg.to_dict(),
+        "metrics": dict(state["history"][-1]) if state.get("history") else {},
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+    }, Path(path))
+    return int(state["epoch"])
+
+
+# The methods that compare or mix stage features, so teacher and student widths must agree.
+FEATURE_METHODS = ("alignkd", "jointrd")
+
+
 def load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device) -> nn.Module:
-    """The frozen teacher, checked against this run's data set, classes and depth."""
+    """The frozen teacher, checked against this run's data set, classes, depth and width."""
     if not cfg.teacher:
         raise UserError(f"--method {cfg.method} needs a trained teacher: pass --teacher PATH "
                         "(a model.pt from `python -m tuning.train --method ce --shortcut all`)")
     net, meta = load_model(cfg.teacher, device=device)
-    arch = meta["arch"]
+    arch = net.arch  # checked by load_model
     if meta.get("dataset") != data.name or arch["num_classes"] != data.num_classes:
         raise CheckpointError(
             f"teacher {cfg.teacher} was trained on {meta.get('dataset')} "
@@ -113,6 +180,17 @@ def load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device) -> nn.M
     if cfg.teacher_depth is not None and arch["depth"] != cfg.teacher_depth:
         raise CheckpointError(f"teacher {cfg.teacher} is ResNet-{arch['depth']} but "
                               f"teacher_depth is {cfg.teacher_depth}; pass a matching teacher")
+    if cfg.method in FEATURE_METHODS and arch["width"] != cfg.width:
+        # AlignKD compares stage features; JointRD runs student features through teacher
+        # stages: both need the same channel counts.
+        raise CheckpointError(
+            f"teacher {cfg.teacher} has width {arch['width']} but the student's width is "
+            f"{cfg.width}; {cfg.method} needs equal widths: pass --width {arch['width']}, or a "
+            f"teacher trained with --width {cfg.width}")
+    if arch["shortcut"] != "all":
+        warnings.warn(f"teacher {cfg.teacher} is a Plain-CNN (shortcut {arch['shortcut']}), "
+                      "not a ResNet; allowed, but the methods expect a ResNet teacher "
+                      "(--method ce --shortcut all)", UserWarning, stacklevel=2)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     return freeze(net)
@@ -131,7 +209,8 @@ def objective_kwargs(cfg: RunConfig, epoch: int) -> dict[str, Any]:
 
 
 def evaluate(net: nn.Module, loader: Iterable, device: torch.device) -> float:
-    """Top-1 accuracy; counts stay on the device until the one read at the end."""
+    """Top-1 accuracy (NaN for an empty split); counts stay on the device until the one read
+    at the end."""
     was_training = net.training
     net.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -141,7 +220,7 @@ def evaluate(net: nn.Module, loader: Iterable, device: torch.device) -> float:
             correct += (net(x).argmax(1) == y).sum()
             seen += len(y)
     net.train(was_training)
-    return correct.item() / max(seen, 1)
+    return correct.item() / seen if seen else float("nan")  # an empty split has no accuracy
 
 
 class Progress:
@@ -164,12 +243,14 @@ class Progress:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] = (),
+          checkpoint_epochs: Collection[int] = (),
           resume_from: str | Path | None = None, evaluate_test: bool = True,
           checkpoint_extra: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
     """Train one run; each epoch may write a checkpoint atomically, then calls each listener.
 
     A checkpoint is written when `cfg.checkpoint_interval_s` of training have passed since the
-    last one (0: every epoch), and always after the last epoch.
+    last one (0: every epoch), after each of `checkpoint_epochs` (a search's rungs, where a
+    trial may be stopped), and always after the last epoch.
 
     Returns the final metrics. `checkpoint_extra` is stored in every checkpoint (a
     listener's state, such as a tracking run id) and returned by `resume_from`'s load.
@@ -199,15 +280,20 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
     extra = dict(checkpoint_extra or {})
     if resume_from is not None:
         state = load_checkpoint(Path(resume_from))
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        start_epoch, history = state["epoch"], state["history"]
-        train_time, eval_time = state["train_time"], state["eval_time"]
-        extra = {**state.get("extra", {}), **extra}
+        try:
+            student.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng_cpu"])
+            if device.type == "cuda" and state.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(state["rng_cuda"])
+            start_epoch, history = int(state["epoch"]), list(state["history"])
+            train_time, eval_time = float(state["train_time"]), float(state["eval_time"])
+            extra = {**state.get("extra", {}), **extra}
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            reason = " ".join(str(err).split())[:160] or type(err).__name__
+            raise CheckpointError(f"checkpoint {resume_from} does not fit this run ({reason}); "
+                                  "delete it to start the run afresh") from None
 
     train_step = make_train_step(objective, student, teacher, optimizer, scheduler, device)
     ckpt_path = run_dir / CHECKPOINT_NAME
@@ -269,14 +355,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
             # trial inside its last report, and the final metrics belong in that report.
             metrics.update(_finish(student, data, cfg, run_dir, metrics, device, evaluate_test))
         saved, t2 = None, time.perf_counter()
-        if epoch + 1 == cfg.epochs or t2 - last_save >= cfg.checkpoint_interval_s:
+        if epoch + 1 == cfg.epochs or epoch + 1 in checkpoint_epochs or \
+                t2 - last_save >= cfg.checkpoint_interval_s:
             save_checkpoint({
                 "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                 "train_time": train_time, "eval_time": eval_time, "config": cfg.to_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                "extra": extra,
+                "extra": extra, "data": data_meta(data),
             }, ckpt_path)
             saved, last_save = ckpt_path, time.perf_counter()
         metrics["checkpoint_time"] = last_save - t2 if saved else 0.0
@@ -296,7 +383,7 @@ def _finish(student: nn.Module, data: DataBundle, cfg: RunConfig, run_dir: Path,
     final = {"last_val_acc": metrics["val_acc"]}
     if evaluate_test:
         t1 = time.perf_counter()
-        final["test_acc"] = evaluate(student, data.test, device)
+        final["test_acc"] = evaluate(student, data.test, device)  # NaN: no test images
         final["eval_time"] = metrics["eval_time"] + time.perf_counter() - t1
     save_model(student, run_dir / MODEL_NAME, cfg=cfg, data=data, metrics={**metrics, **final})
     return final
