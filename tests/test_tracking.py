@@ -65,37 +65,54 @@ def test_trial_runs_hold_params_curves_tags_and_artifacts(searched):
     teacher_ids = {r.info.run_id for r in mlflow.search_runs([teacher_exp.experiment_id])}
     for run in children:
         params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
-        assert {"method", "dataset", "depth", "teacher_depth", "width", "teacher", "seed",
-                "lr", "weight_decay", "eta_kind"} <= set(params)
-        assert any(k.startswith("sampled.") for k in params)
-        assert {"ray_trial_id", "search", "git_commit", "device", "cell", "study_trial",
-                "chosen"} <= set(tags)
-        assert tags["cell"] == f"method={params['method']}"
-        assert tags["teacher_run_id"] in teacher_ids  # links to the teacher's own run
         row = table[tags["ray_trial_id"]]
-        history = mlflow.get_metric_history(run.info.run_id, "val_acc")
+        # Named for a chart legend; its method's hyperparameters only, and its cell.
+        assert run.info.run_name == (f"{params['method']} · digits · P18 · "
+                                     f"#{int(row['study_trial']):02d}")
+        assert {"method", "dataset", "depth", "teacher_depth", "width", "teacher", "seed",
+                "lr", "weight_decay", "eta_kind", "momentum", "cell"} <= set(params)
+        own = {"alignkd": {"alpha", "temperature", "feature_loss", "beta"}, "jointrd": {"lam"}}
+        other = "jointrd" if params["method"] == "alignkd" else "alignkd"
+        assert own[params["method"]] <= set(params) and not own[other] & set(params)
+        assert not {"device", "data_root", "compile", "checkpoint_interval_s"} & set(params)
+        assert not any(k.startswith("sampled.") for k in params)
+        assert {"ray_trial_id", "search", "git_commit", "device", "cell", "study_trial",
+                "chosen", "searched"} <= set(tags)
+        assert tags["cell"] == f"method={params['method']}" == params["cell"]
+        assert tags["teacher_run_id"] in teacher_ids  # links to the teacher's own run
+        # Metrics in sections, accuracies in percent.
+        history = mlflow.get_metric_history(run.info.run_id, "val/acc")
         assert sorted(m.step for m in history) == list(range(1, int(row["epochs"]) + 1))
-        assert {"train_loss", "loss_ce", "lr", "momentum", "eta", "epoch_time",
-                "images_per_s", "best_val_acc", "train_time"} <= set(metrics)
-        term = "loss_kl" if params["method"] == "alignkd" else "loss_hybrid_ce_1"
+        assert history[-1].value == pytest.approx(100 * float(row["val_acc"]), abs=0.005)
+        assert {"train/loss", "loss/ce", "opt/lr", "opt/momentum", "opt/eta", "time/epoch_s",
+                "time/images_per_s", "val/best_acc", "time/train_total_s"} <= set(metrics)
+        assert not {"val_acc", "train_time", "best_val_acc"} & set(metrics)
+        term = "loss/kl" if params["method"] == "alignkd" else "loss/hybrid_ce_1"
         assert term in metrics
+        # Every trial keeps its model and config; one stopped early, those of its last epoch.
         artifacts = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
-        if row["status"] == "TERMINATED":
-            assert {"model.pt", "config.yaml"} <= artifacts
+        assert {"model.pt", "config.yaml"} <= artifacts
+        if row["status"] == "COMPLETED":
             assert tags["stopped_early"] == "false"
         else:
             assert row["status"] == "STOPPED_EARLY" and tags["stopped_early"] == "true"
+            assert tags["model_epoch"] == row["epochs"]
+    exp = mlflow.get_experiment_by_name("tracked")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs
+    assert "method=alignkd" in exp.tags["mlflow.note.content"]
+    teacher_names = {r.info.run_name for r in mlflow.search_runs([teacher_exp.experiment_id])}
+    assert "teacher · digits · R18" in teacher_names
     # Each cell's chosen trial, and only it, has a test accuracy, logged to its run.
     for cell in ("method=alignkd", "method=jointrd"):
         mine = [r for r in table.values() if r["cell"] == cell]
-        best = max((r for r in mine if r["status"] == "TERMINATED"),
+        best = max((r for r in mine if r["status"] == "COMPLETED"),
                    key=lambda r: float(r["val_acc"]))
         assert best["chosen"] == "True"
         runs = {c.data.tags["ray_trial_id"]: c for c in children}
-        assert runs[best["trial_id"]].data.metrics["test_acc"] == pytest.approx(
-            float(best["test_acc"]))
+        assert runs[best["trial_id"]].data.metrics["test/acc"] == pytest.approx(
+            100 * float(best["test_acc"]), abs=0.005)
         assert runs[best["trial_id"]].data.tags["chosen"] == "true"
-        assert all("test_acc" not in runs[r["trial_id"]].data.metrics
+        assert all("test/acc" not in runs[r["trial_id"]].data.metrics
                    for r in mine if r is not best)
 
 
@@ -118,13 +135,21 @@ def test_a_diverging_trial_is_failed_with_its_reason_and_the_search_goes_on(ray_
                             space=str(space)))
     assert code == 0
     table = {float(r["lr"]): r for r in rows(tmp_path, "wild")}
-    assert table[0.02]["status"] == "TERMINATED"
-    assert table[100000.0]["status"] == "ERROR"
+    assert table[0.02]["status"] == "COMPLETED"
+    assert table[100000.0]["status"] == "FAILED"
     assert "training loss became" in table[100000.0]["error"]
     _, _, children = runs_of(tmp_path, "wild")
     failed = [c for c in children if c.info.status == "FAILED"]
     assert len(children) == 2 and len(failed) == 1
     assert "training loss became" in failed[0].data.tags["failure_reason"]
+    # It would diverge again: it failed once, and Tune did not restart it from a checkpoint.
+    states = sorted((tmp_path / "ray" / "wild").glob("experiment_state-*.json"))
+    trials = json.loads(states[-1].read_text())["trial_data"]
+    failures = {}
+    for entry in trials:
+        meta, run = (json.loads(p) if isinstance(p, str) else p for p in entry)
+        failures[meta["trial_id"]] = run.get("num_failures", 0)
+    assert failures == {r["trial_id"]: 0 for r in table.values()}
 
 
 def test_credentials_never_become_params_or_tags():
@@ -178,7 +203,7 @@ def test_runs_reach_a_real_mlflow_server_read_over_rest(ray_session, tmp_path):
         child = [r for r, t in zip(found, tags, strict=True) if "mlflow.parentRunId" in t]
         assert len(child) == 1 and child[0]["info"]["status"] == "FINISHED"
         keys = {m["key"] for m in child[0]["data"]["metrics"]}
-        assert {"val_acc", "train_loss", "images_per_s"} <= keys
+        assert {"val/acc", "train/loss", "time/images_per_s"} <= keys
     finally:
         os.killpg(server.pid, signal.SIGKILL)  # the server's workers too
         server.wait()
@@ -195,3 +220,77 @@ def test_export_takes_a_finished_trials_mlflow_run_id(searched, tmp_path, monkey
                         "--formats", "torchscript"]) == 0
     assert (tmp_path / "out" / "model.ts").is_file()
     assert (tmp_path / "exports" / done.info.run_id / "model.pt").is_file()
+
+
+def _serve(port: int, root: Path) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:port over the store in `root`."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "server did not start"
+            time.sleep(1)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
+def test_a_tracking_outage_loses_no_epoch_and_no_training(tmp_path):
+    """The server is stopped mid-search for several epochs, then started again on the same
+    port and store: every trial finishes, every epoch is in MLflow once, nothing is RUNNING."""
+    from faultutil import kill_group, spawn_search, wait_for
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = _serve(port, tmp_path)
+    epochs = 8
+    args = search_args(tmp_path, "outage", "--num-samples", "2", "--epochs", str(epochs),
+                       "--scheduler", "fifo", "--max-concurrent", "1", "--optuna-storage",
+                       f"sqlite:///{tmp_path / 'optuna.db'}")
+    args[args.index("--tracking-uri") + 1] = base
+    log = tmp_path / "driver.log"
+    proc = spawn_search(args, log)
+
+    def first_epoch_logged() -> bool:
+        try:
+            exp = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=outage")
+            runs = _get(f"{base}/api/2.0/mlflow/runs/search",
+                        {"experiment_ids": [exp["experiment"]["experiment_id"]]}).get("runs", [])
+        except OSError:
+            return False
+        return any(m["key"] == "val/acc" for r in runs for m in r["data"].get("metrics", []))
+
+    try:
+        wait_for(first_epoch_logged, 420, proc, log, interval=0.5)
+        _stop(server)
+        time.sleep(25)  # several epochs of a thin network on digits
+        server = _serve(port, tmp_path)
+        assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "tracking unreachable" in text  # the outage did reach a training trial
+        exp = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=outage")
+        exp_id = exp["experiment"]["experiment_id"]
+        found = _get(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
+        assert {r["info"]["status"] for r in found} == {"FINISHED"}  # none RUNNING
+        children = [r for r in found
+                    if any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
+        table = rows(tmp_path, "outage")
+        trial_ids = {t["value"] for r in children for t in r["data"]["tags"]
+                     if t["key"] == "ray_trial_id"}
+        assert len(children) == 2 and trial_ids == {r["trial_id"] for r in table}
+        for run in children:
+            history = _get(f"{base}/api/2.0/mlflow/metrics/get-history?run_id="
+                           f"{run['info']['run_id']}&metric_key=val%2Facc")["metrics"]
+            assert sorted(m["step"] for m in history) == list(range(1, epochs + 1))  # once each
+    finally:
+        kill_group(proc)
+        _stop(server)

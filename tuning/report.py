@@ -61,17 +61,18 @@ def search_runs(uri: str, exp, parent) -> list[dict[str, Any]]:
         p, m, t = r.data.params, r.data.metrics, r.data.tags
         if "method" not in p or "dataset" not in p:
             continue  # killed before its params were logged: nothing to compare
-        epochs = int(m.get("epoch", 0))
+        epochs = int(m.get("train/epoch", 0))
         out.append({
             "run_id": r.info.run_id, "status": r.info.status, "method": p["method"],
             "dataset": p["dataset"], "depth": int(p.get("depth", 0)),
             "cell": t.get("cell", ""), "role": t.get("role", "trial"),
             "chosen": t.get("chosen") == "true", "replicate_of": t.get("replicate_of", ""),
             "teacher_run_id": t.get("teacher_run_id", ""),
-            # the latest val_acc is the last epoch's: what a cell's trials are selected on
-            "val_acc": m.get("val_acc", math.nan), "test_acc": m.get("test_acc", math.nan),
-            "train_time": m.get("train_time", math.nan), "epochs": epochs,
-            "epoch_time": m.get("train_time", math.nan) / epochs if epochs else math.nan,
+            # the latest val/acc is the last epoch's: what a cell's trials are selected on
+            "val_acc": accuracy(m, "val"), "test_acc": accuracy(m, "test"),
+            "train_time": m.get("time/train_total_s", math.nan), "epochs": epochs,
+            "epoch_time": m.get("time/train_total_s", math.nan) / epochs if epochs
+            else math.nan,
             "stopped_early": t.get("stopped_early") == "true",
         })
     return out
@@ -92,6 +93,14 @@ def row_label(key: tuple) -> tuple[str, str]:
     dataset, depth, rest = key
     extra = ", ".join(f"{k}={v}" for k, v in rest if k not in ("dataset", "depth"))
     return dataset, f"Plain-{depth}" + (f" ({extra})" if extra else "")
+
+
+def accuracy(metrics: dict[str, float], split: str) -> float:
+    """A run's `<split>/acc` (logged in %) as a fraction; runs logged before the metrics had
+    sections carry `<split>_acc`."""
+    if f"{split}/acc" in metrics:
+        return metrics[f"{split}/acc"] / 100
+    return metrics.get(f"{split}_acc", math.nan)
 
 
 def finalists(runs: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
@@ -203,7 +212,7 @@ def teacher_accuracies(uri: str, runs: list[dict[str, Any]]) -> dict[str, float]
     out = {}
     for run_id in {r["teacher_run_id"] for r in runs if r["teacher_run_id"]}:
         try:
-            out[run_id] = c.get_run(run_id).data.metrics.get("test_acc", math.nan)
+            out[run_id] = accuracy(c.get_run(run_id).data.metrics, "test")
         except Exception:  # noqa: BLE001 - a teacher run of another store: no figure
             out[run_id] = math.nan
     return out
@@ -408,12 +417,13 @@ def plot_curves(uri: str, runs: list[dict[str, Any]], out: Path) -> list[Path]:
             chosen = [r for r in trials if (r["dataset"], r["depth"], r["method"]) ==
                       (dataset, depth, m) and r["chosen"]]
             for r in chosen:
-                hist = sorted(c.get_metric_history(r["run_id"], "val_acc"), key=lambda h: h.step)
-                ax.plot([h.step for h in hist], [100 * h.value for h in hist], marker="o",
+                hist = sorted(c.get_metric_history(r["run_id"], "val/acc"), key=lambda h: h.step)
+                ax.plot([h.step for h in hist], [h.value for h in hist], marker="o",
                         color=COLOURS.get(m, "k"), label=METHOD_NAMES.get(m, m))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(title=f"{dataset}, Plain-{depth}", xlabel="epoch")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     axes[0][0].set_ylabel("validation accuracy (%)")
     fig.suptitle("each cell's chosen trial")
     fig.tight_layout()
@@ -436,7 +446,8 @@ def plot_curves(uri: str, runs: list[dict[str, Any]], out: Path) -> list[Path]:
                 ax.step([p[0] for p in front], [p[1] for p in front], where="post",
                         color=COLOURS.get(m, "k"), linestyle="--", linewidth=1)
         ax.set(title=f"{dataset}, Plain-{depth}", xlabel="training time (s)")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     axes[0][0].set_ylabel("validation accuracy, last epoch (%)")
     fig.suptitle("completed trials; dashed: each method's Pareto front")
     fig.tight_layout()
@@ -446,6 +457,29 @@ def plot_curves(uri: str, runs: list[dict[str, Any]], out: Path) -> list[Path]:
     return [curves, tradeoff]
 
 
+def _repair(args: argparse.Namespace) -> str:
+    """Repair the search's records; returns the tracking URI it used (the search's own unless
+    --tracking-uri names another)."""
+    import yaml
+
+    from tuning.search.cli import local_search_dir, storage_uri
+    from tuning.search.repair import repair
+
+    if not args.name:
+        raise UserError("--repair needs the search's NAME")
+    folder = local_search_dir(storage_uri(args.storage_path), args.name)
+    if not (folder / "search.yaml").is_file():
+        raise UserError(f"no search named {args.name!r} under {args.storage_path}; pass its "
+                        "--storage-path")
+    settings = yaml.safe_load((folder / "search.yaml").read_text())
+    settings["tracking_uri"] = uri = args.tracking_uri or settings["tracking_uri"]
+    check_reachable(uri, create=False)
+    done = repair(settings, folder)
+    print(f"repaired {args.name}: {done['trials']} trials; {done['created']} run(s) created, "
+          f"{done['epochs_added']} epoch(s) logged from checkpoints")
+    return uri
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tuning.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -453,10 +487,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--out", default=None, help="folder for the tables and figures "
                                                 "(default reports/NAME)")
+    p.add_argument("--repair", action="store_true",
+                   help="first complete the search's MLflow records from its trials' "
+                        "checkpoints (after a tracking outage, or a lost tracking store)")
+    p.add_argument("--storage-path", default="ray_results",
+                   help="where the search's Tune state is (with --repair)")
     args = p.parse_args(argv)
     uri = default_tracking_uri(args.tracking_uri)
     try:
-        check_reachable(uri)
+        if args.repair:
+            uri = _repair(args)
+        else:
+            check_reachable(uri, create=False)  # a report reads; it creates no store
         text, files = build(uri, args.name, Path(args.out) if args.out else None)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -70,22 +70,42 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def check_reachable(uri: str) -> None:
+def check_reachable(uri: str, *, create: bool = True) -> None:
     """One clear error, before any trial starts, when the tracking store cannot be used.
 
-    A local SQLite store is only checked for a writable folder: creating it here would
-    write a file before the rest of the input is known to be good.
+    A local SQLite store is checked without being created (that would write a file before
+    the rest of the input is known to be good): its folder must be writable, and a file
+    already there must be an SQLite database. Read-only commands (`create=False`) need it to
+    exist.
     """
     if uri.startswith("sqlite:///"):
         # sqlite:///rel.db is relative to the working folder, sqlite:////abs.db absolute.
-        folder = Path(uri.removeprefix("sqlite:///")).parent
+        path = Path(uri.removeprefix("sqlite:///"))
+        if path.exists():
+            import sqlite3
+
+            try:
+                with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+                    db.execute("select name from sqlite_master limit 1").fetchall()
+            except sqlite3.Error as err:
+                raise UserError(f"MLflow tracking at {uri} is not an SQLite database ({err}); "
+                                "move the file away, or pass another --tracking-uri") from None
+            return
+        if not create:
+            raise UserError(f"there is no MLflow tracking store at {uri}; pass the search's "
+                            "--tracking-uri (or set MLFLOW_TRACKING_URI)")
+        folder = path.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise UserError(f"MLflow tracking at {uri} cannot be created: {folder} is not a "
                             "writable folder; fix the path or pass another --tracking-uri")
         return
+    # Fail fast here, and only here: the settings are restored afterwards, so that neither
+    # the driver's later calls nor the trial workers (which inherit the environment) lose
+    # MLflow's retries to a transient error.
+    fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {k: os.environ.get(k) for k in fast}
     if uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        os.environ.update({k: v for k, v in fast.items() if saved[k] is None})
     try:
         client(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means "unusable store"
@@ -93,15 +113,33 @@ def check_reachable(uri: str) -> None:
         raise UserError(f"MLflow tracking at {uri} is unreachable ({reason}); start the server "
                         "(`mlflow server --host 127.0.0.1 --port 5000`) or drop --tracking-uri "
                         "to use the local sqlite:///mlflow.db") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def experiment_id(uri: str, name: str) -> str:
+# The MLflow UI opens an experiment on its GenAI overview unless the experiment says it is
+# model training: the experiment tag its web app reads is `mlflow.experimentKind`.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_id(uri: str, name: str, description: str | None = None) -> str:
+    """The experiment `name`, created if missing, marked as model training (so the UI opens
+    on its runs) and given `description` (the UI shows the note on the experiment page)."""
     c = client(uri)
     found = c.get_experiment_by_name(name)
     if found is not None:
-        return found.experiment_id
-    root = artifact_root(uri)
-    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+        exp = found.experiment_id
+    else:
+        root = artifact_root(uri)
+        exp = c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    tags = {**EXPERIMENT_KIND, **({"mlflow.note.content": description} if description else {})}
+    for key, value in tags.items():
+        c.set_experiment_tag(exp, key, value)
+    return exp
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
@@ -114,18 +152,91 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i:i + 100])
 
 
+# What the trainer calls a metric -> its name in MLflow: the prefix is the chart section the
+# UI groups it in, the suffix its unit. Accuracies are logged in percent.
+METRIC_NAMES = {
+    "val_acc": "val/acc", "best_val_acc": "val/best_acc", "train_acc": "train/acc",
+    "test_acc": "test/acc", "train_loss": "train/loss", "epoch": "train/epoch",
+    "lr": "opt/lr", "momentum": "opt/momentum", "eta": "opt/eta",
+    "epoch_time": "time/epoch_s", "train_time": "time/train_total_s",
+    "eval_time": "time/eval_total_s", "images_per_s": "time/images_per_s",
+    "checkpoint_time": "time/checkpoint_s",
+}
+PERCENT = {"val_acc", "best_val_acc", "train_acc", "test_acc"}
+
+
+def metric_name(key: str) -> str | None:
+    """The MLflow name of a trainer metric (`loss_kl` -> `loss/kl`); None: not logged."""
+    if key.startswith("loss_"):
+        return f"loss/{key.removeprefix('loss_')}"
+    return METRIC_NAMES.get(key)
+
+
 def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    """Log a trainer's metrics under their MLflow names (`metric_name`), accuracies in %."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    items = []
+    for key, value in metrics.items():
+        name = metric_name(key)
+        if name is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            continue
+        # Rounded for the UI's columns: 0.01 % and 0.01 s are below any difference that matters.
+        value = round(100.0 * value, 2) if key in PERCENT else (
+            round(float(value), 2) if name.startswith("time/") else float(value))
+        items.append(Metric(name, value, now, step))
     if items:
         client(uri).log_batch(run_id, metrics=items)
 
 
-def config_params(cfg: RunConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict().items() if k != "extra"}
+# The hyperparameters that apply to each method; the rest of its config is not logged, so that
+# a parallel-coordinates plot never shows a JointRD run at AlignKD's default alpha.
+RECIPE = ("dataset", "depth", "width", "shortcut", "dirac", "epochs", "batch_size", "lr",
+          "max_lr_factor", "pct_start", "cycle_momentum", "momentum", "nesterov",
+          "weight_decay", "seed", "split_seed", "val_fraction")
+ETA = ("eta_kind", "eta_start", "eta_end", "eta_epochs")
+METHOD_PARAMS = {"ce": (), "kd": ("alpha", "temperature"),
+                 "alignkd": ("alpha", "temperature", *ETA, "feature_loss", "beta"),
+                 "jointrd": ("lam", *ETA)}
+
+
+def run_params(cfg: RunConfig) -> dict[str, Any]:
+    """The params of a run: its method, recipe and the hyperparameters its method uses."""
+    from losses import DEFAULT_BETA
+
+    values = cfg.to_dict()
+    keys = ["method", *RECIPE, *METHOD_PARAMS.get(cfg.method, ())]
+    if cfg.cycle_momentum:
+        keys.append("base_momentum")
+    if cfg.method != "ce":
+        keys += ["teacher_depth", "teacher"]
+    if cfg.data_options():
+        keys.append("data_path")
+    out = {k: values[k] for k in keys}
+    if "beta" in out and out["beta"] is None:
+        out["beta"] = DEFAULT_BETA[cfg.feature_loss]  # the weight the loss actually used
+    if out.get("teacher_depth") is None and "teacher_depth" in out:
+        out["teacher_depth"] = cfg.depth
+    return out
+
+
+def run_label(cfg: RunConfig, sample: dict[str, Any] | None = None) -> str:
+    """A run name a chart legend can show: `alignkd · cifar10 · P18 · #07`; teachers
+    `teacher · cifar10 · R18`; replicates `... · seed 2`."""
+    sample = sample or {}
+    data = Path(cfg.data_path).stem if cfg.data_options() else cfg.dataset
+    if cfg.method == "ce" and cfg.shortcut == "all":
+        return f"teacher · {data} · R{cfg.depth}"
+    label = f"{cfg.method} · {data} · P{cfg.depth}"
+    if "study_trial" in sample:
+        label += f" · #{int(sample['study_trial']):02d}"
+    if "replicate" in sample:
+        if sample.get("replicate_of_number") not in (None, ""):
+            label += f" · #{int(sample['replicate_of_number']):02d}"
+        label += f" · seed {cfg.seed}"
+    return label
 
 
 @dataclass
@@ -162,12 +273,20 @@ class Tracker:
             tags["study_trial"] = str(sample.get("study_trial", ""))
         if teacher_run:
             tags["teacher_run_id"] = teacher_run
+        searched = [k for k in sample if k not in ("cell", "study_trial", "replicate",
+                                                   "replicate_of", "replicate_of_run",
+                                                   "replicate_of_number", "config")]
+        if searched:
+            tags["searched"] = ", ".join(searched)  # which of its params the study sampled
         c = client(self.uri)
-        run = c.create_run(self.experiment_id, run_name=trial_name, tags=tags)
-        sampled = {} if "replicate" in sample else {
-            f"sampled.{k}": v for k, v in sample.items() if k not in ("cell", "study_trial")}
-        log_params(self.uri, run.info.run_id, {**config_params(cfg), **sampled})
+        run = c.create_run(self.experiment_id, run_name=run_label(cfg, sample), tags=tags)
+        log_params(self.uri, run.info.run_id, {**run_params(cfg),
+                                                **({"cell": sample["cell"]}
+                                                   if sample.get("cell") else {})})
         return run.info.run_id
+
+    def has_run(self, run_id: str) -> bool:
+        return _exists(client(self.uri), run_id)
 
     def resume_trial_run(self, run_id: str) -> None:
         client(self.uri).update_run(run_id, status="RUNNING")
@@ -179,6 +298,74 @@ class Tracker:
             c.set_tag(run_id, "failure_reason", reason[:5000])
         c.set_tag(run_id, "stopped_early", str(stopped_early).lower())
         c.set_terminated(run_id, status=status)
+
+
+# Saved views of the runs table, stored as experiment tags the MLflow 3.17 web app reads
+# (`mlflow.sharedViewState.<key>`, a JSON envelope whose `state` is the table's settings) and
+# opened by a link with ?viewStateShareKey=<key>. Nothing else presets what the UI shows.
+VIEW_TAG = "mlflow.sharedViewState."
+VIEWS = {"chosen": "Each cell's chosen trial", "trials": "Every trial, by cell",
+         "replicates": "Replicates of the chosen trials"}
+
+
+def _column(kind: str, name: str) -> str:
+    return f"{kind}.`{name}`"
+
+
+def save_views(tracker: Tracker, searched: list[str], dims: list[str]) -> None:
+    """Write the search's saved views of the runs table (see VIEWS) into its experiment."""
+    import json
+
+    now = int(time.time() * 1000)
+    hyper = [_column("params", p) for p in searched]
+    cells = [_column("tags", "cell"), *(_column("params", d) for d in dims if d != "cell")]
+    acc = [_column("metrics", "val/acc"), _column("metrics", "test/acc")]
+    timing = [_column("metrics", "time/train_total_s"), _column("metrics", "time/epoch_s")]
+    states = {
+        "chosen": {"searchFilter": "tags.chosen = 'true'",
+                   "orderByKey": _column("metrics", "val/acc"), "orderByAsc": False,
+                   "selectedColumns": [*cells, *acc, *hyper, *timing]},
+        "trials": {"searchFilter": "tags.role = 'trial'",
+                   "orderByKey": _column("metrics", "val/acc"), "orderByAsc": False,
+                   "selectedColumns": [*cells, _column("tags", "chosen"),
+                                       _column("tags", "stopped_early"),
+                                       _column("metrics", "train/epoch"), *acc, *hyper, *timing],
+                   "groupBy": {"aggregateFunction": "max",
+                               "groupByKeys": [{"mode": "tag", "groupByData": "cell"}]}},
+        "replicates": {"searchFilter": "tags.role = 'replicate'",
+                       "orderByKey": _column("tags", "cell"), "orderByAsc": True,
+                       "selectedColumns": [*cells, _column("tags", "replicate"),
+                                           _column("params", "seed"), *acc, *timing]},
+    }
+    c = client(tracker.uri)
+    for key, state in states.items():
+        c.set_experiment_tag(tracker.experiment_id, VIEW_TAG + key, json.dumps(
+            {"name": VIEWS[key], "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))
+    # The metric the UI charts first.
+    c.set_experiment_tag(tracker.experiment_id, "mlflow.experiment.primaryMetric.name", "val/acc")
+
+
+def view_url(base: str, experiment_id: str, view: str) -> str:
+    """A link that opens the runs table (model training, not GenAI) in a saved view."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={view}"
+            "&workflowType=machine_learning")
+
+
+def where_to_look(tracker: Tracker, optuna_storage: str | None = None) -> str:
+    """The console's pointer to the records: the experiment, how to open it, and the studies."""
+    uri = tracker.uri
+    lines = [f"MLflow: experiment {tracker.search_name!r} in {uri}"]
+    if uri.startswith(("http://", "https://")):
+        base = uri
+    else:
+        base = "http://127.0.0.1:5000"
+        lines.append(f"  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    lines.append(f"  each cell's chosen trial: {view_url(base, tracker.experiment_id, 'chosen')}")
+    lines.append(f"  every trial, by cell:     {view_url(base, tracker.experiment_id, 'trials')}")
+    if optuna_storage:
+        lines.append(f"Optuna: one study per cell in {optuna_storage}")
+        lines.append(f"  optuna-dashboard {optuna_storage} --host 127.0.0.1 --port 8080")
+    return "\n".join(lines)
 
 
 def teacher_run(uri: str, teacher_dir: Path, commit: str) -> str:
@@ -201,12 +388,16 @@ def teacher_run(uri: str, teacher_dir: Path, commit: str) -> str:
         return known[uri]
     _, meta = load_model(teacher_dir / MODEL_NAME)
     history = load_checkpoint(teacher_dir / CHECKPOINT_NAME).get("history", [])
+    cfg = RunConfig.from_dict(meta["config"], source=str(teacher_dir / MODEL_NAME))
     c = client(uri)
-    run = c.create_run(experiment_id(uri, TEACHER_EXPERIMENT), run_name=teacher_dir.name,
+    description = ("The ResNet teachers the searches trained, one run per entry of the teacher "
+                   "store (keyed by recipe). Accuracies are in %.")
+    run = c.create_run(experiment_id(uri, TEACHER_EXPERIMENT, description),
+                       run_name=run_label(cfg),
                        tags={"role": "teacher", "git_commit": commit, "device": device_name(),
                              "teacher_key": teacher_dir.name})
     run_id = run.info.run_id
-    log_params(uri, run_id, {k: v for k, v in meta["config"].items() if k != "extra"})
+    log_params(uri, run_id, run_params(cfg))
     for epoch in history:
         log_metrics(uri, run_id, epoch, step=int(epoch["epoch"]))
     final = meta.get("metrics", {})
@@ -220,13 +411,35 @@ def teacher_run(uri: str, teacher_dir: Path, commit: str) -> str:
     return run_id
 
 
+def describe(settings: dict[str, Any]) -> str:
+    """The experiment's note, shown on its page in the MLflow UI."""
+    cells = settings.get("cells") or []
+    return (f"Search **{settings['name']}** of the space `{settings['space_name']}`: "
+            f"{len(cells)} cell(s), each its own Optuna study with "
+            f"{settings.get('trials_per_cell', settings['num_samples'])} trial(s) of "
+            f"{settings['epochs']} epochs, then {settings.get('replicates', 0)} replicate(s) of "
+            "its chosen trial.\n\nCells: " + ", ".join(f"`{c}`" for c in cells) + ".\n\n"
+            "Each trial's run is tagged with its `cell`; each cell's chosen trial is tagged "
+            "`chosen = true` and has `test/acc`. Accuracies are in %, times in seconds. The "
+            "parent run holds `cells.csv` (the per-cell table), `report/` (the paper's "
+            "tables with their spread, and figures) and `best/` (the chosen configs).")
+
+
 def start_parent(uri: str, settings: dict[str, Any], commit: str) -> Tracker:
     """The search's experiment and parent run, created once and reopened on resume."""
-    exp = experiment_id(uri, settings["name"])
+    exp = experiment_id(uri, settings["name"], describe(settings))
     c = client(uri)
     parent = settings.get("parent_run_id")
+    if parent and not _exists(c, parent):
+        # The tracking store was lost or replaced since: a new parent, and the trials' runs
+        # are recreated from their checkpoints (see recorder.repair_runs).
+        print(f"tracking: the search's parent run {parent} is not in {uri}; it is created "
+              "again, and its trials' runs are rebuilt from their checkpoints")
+        parent = None
+        settings.pop("parent_run_id", None)
     if parent:
         c.update_run(parent, status="RUNNING")
+        c.set_tag(parent, "state", "running")
     else:
         run = c.create_run(exp, run_name=settings["name"],
                            tags={"role": "search", "git_commit": commit,
@@ -248,6 +461,16 @@ def start_parent(uri: str, settings: dict[str, Any], commit: str) -> Tracker:
     return Tracker(uri, exp, parent, settings["name"], commit)
 
 
+def _exists(c, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
 def settle_trial_runs(tracker: Tracker, rows: list[dict[str, Any]]) -> None:
     """After the search: each trial's run gets its final status; none stays RUNNING. A cell's
     chosen trial gets its test accuracy and the tag `chosen`."""
@@ -260,14 +483,39 @@ def settle_trial_runs(tracker: Tracker, rows: list[dict[str, Any]]) -> None:
         if "chosen" in row:  # a search trial; a replicate logged its own test accuracy
             c.set_tag(run_id, "chosen", str(bool(row["chosen"])).lower())
             if not math.isnan(row.get("test_acc", math.nan)):
-                c.log_metric(run_id, "test_acc", row["test_acc"])
-        if c.get_run(run_id).info.status != "RUNNING":
+                log_metrics(tracker.uri, run_id, {"test_acc": row["test_acc"]},
+                            step=int(row.get("epochs") or 0))
+        info = c.get_run(run_id).info
+        row["run_name"] = info.run_name
+        if info.status != "RUNNING":
             continue
-        if row["status"] == "ERROR":
+        if row["status"] == "FAILED":
             tracker.end_trial_run(run_id, "FAILED", reason=row.get("error") or "trial errored")
         else:
             tracker.end_trial_run(run_id, "FINISHED",
                                   stopped_early=row["status"] == "STOPPED_EARLY")
+
+
+def log_cell_table(tracker: Tracker, cell_rows: list[dict[str, Any]],
+                   chosen: dict[str, dict[str, Any]]) -> None:
+    """The per-cell comparison as an MLflow table on the parent run (`cells.json`): one click
+    in the UI's artifact view, with each cell's chosen run by name, accuracies in %."""
+    table: dict[str, list] = {k: [] for k in ("cell", "chosen run", "val acc (%)",
+                                              "test acc (%)", "train time (s)", "trials",
+                                              "completed", "stopped early", "failed")}
+    for r in cell_rows:
+        best = chosen.get(r["cell"], {})
+        name = best.get("run_name") or r.get("chosen_trial", "")
+        for key, value in (("cell", r["cell"]), ("chosen run", name),
+                           ("val acc (%)", 100 * r["val_acc"]),
+                           ("test acc (%)", 100 * r["test_acc"]),
+                           ("train time (s)", r["train_time"]), ("trials", r["trials"]),
+                           ("completed", r["completed"]), ("stopped early", r["stopped_early"]),
+                           ("failed", r["failed"])):
+            table[key].append(round(value, 2) if isinstance(value, float) and
+                              math.isfinite(value) else (None if isinstance(value, float)
+                                                         else value))
+    client(tracker.uri).log_table(tracker.parent_run_id, table, "cells.json")
 
 
 def finish_parent(tracker: Tracker, files: list[Path], chosen: dict[str, dict[str, Any]],
@@ -283,4 +531,5 @@ def finish_parent(tracker: Tracker, files: list[Path], chosen: dict[str, dict[st
         if row.get("mlflow_run_id"):
             key = re.sub(r"[^A-Za-z0-9_./ -]", "-", f"chosen/{cell}")[:250]
             c.set_tag(tracker.parent_run_id, key, row["mlflow_run_id"])
+    c.set_tag(tracker.parent_run_id, "state", "finished" if status == "FINISHED" else "stopped")
     c.set_terminated(tracker.parent_run_id, status=status)
