@@ -140,7 +140,7 @@ def result_epochs(trial_dir: Path) -> list[tuple[int, float]]:
 
 def mlflow_trials(uri: str, name: str) -> dict:
     """Every trial run of search `name`: trial id -> list of runs, each with its status and
-    the steps of every val_acc it logged (a step logged twice was an epoch trained twice)."""
+    the steps of every val/acc it logged (a step logged twice was an epoch trained twice)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -150,7 +150,7 @@ def mlflow_trials(uri: str, name: str) -> dict:
     for run in client.search_runs([exp.experiment_id], max_results=1000):
         if "mlflow.parentRunId" not in run.data.tags:
             continue
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
         out.setdefault(run.data.tags["ray_trial_id"], []).append({
             "run_id": run.info.run_id, "status": run.info.status, "steps": sorted(steps),
             "tags": run.data.tags})

@@ -25,9 +25,11 @@ def search_args(root: Path, name: str, *extra: str, space: str = "alignkd",
         cells.insert(0, "--smoke")
     else:
         cells += ["--set", "width=8", "--set", "batch_size=64", "--max-concurrent", "2"]
+    if "--resume" not in extra:  # a resumed search keeps its own
+        cells += ["--teacher-epochs", "2"]
     return ["--space", space, "--name", name, "--storage-path", str(root / "ray"),
             "--teacher-store", str(root / "teachers"), "--data-root", str(root / "datasets"),
-            "--tracking-uri", tracking_uri(root), "--teacher-epochs", "2", *cells, *extra]
+            "--tracking-uri", tracking_uri(root), *cells, *extra]
 
 
 def rows(root: Path, name: str, table: str = "results.csv") -> list[dict]:
@@ -52,8 +54,8 @@ def check_studies_agree_with_tune(root: Path, name: str, per_cell: int) -> dict:
 
     table = rows(root, name)
     found = studies(root, name)
-    expected = {"TERMINATED": TrialState.COMPLETE, "STOPPED_EARLY": TrialState.PRUNED,
-                "ERROR": TrialState.FAIL}
+    expected = {"COMPLETED": TrialState.COMPLETE, "STOPPED_EARLY": TrialState.PRUNED,
+                "FAILED": TrialState.FAIL}
     seen = []
     for cell, study in found.items():
         counted = [t for t in study.trials if "lost" not in t.user_attrs]

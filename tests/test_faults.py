@@ -105,7 +105,7 @@ def resume_args(root: Path, name: str) -> list[str]:
 
 def check_finished(root: Path, name: str, trials: int, epochs: int, *,
                    redone: bool = False) -> tuple[dict, int]:
-    """Every trial TERMINATED with all its epochs, one MLflow run each, none left RUNNING;
+    """Every trial COMPLETED with all its epochs, one MLflow run each, none left RUNNING;
     unless `redone` (a trial fell back to an older checkpoint), Tune saw each epoch once.
 
     Returns each trial's logged epochs, and the epochs of trials the killed driver had started
@@ -114,7 +114,7 @@ def check_finished(root: Path, name: str, trials: int, epochs: int, *,
     table = rows(root, name)
     recorded = {r["trial_id"] for r in table}
     assert len(table) == trials and len(recorded) == trials
-    assert all(r["status"] == "TERMINATED" and r["epochs"] == str(epochs) for r in table), table
+    assert all(r["status"] == "COMPLETED" and r["epochs"] == str(epochs) for r in table), table
     runs = mlflow_trials(tracking_uri(root), name)
     assert recorded <= set(runs), runs.keys()
     orphans = 0
@@ -205,7 +205,7 @@ def test_driver_killed_during_teacher_training_resumes_the_teacher(ray_session, 
     teacher_runs = [r for r in mlflow.search_runs([exp.experiment_id])
                     if r.data.tags.get("teacher_key") == final.name]
     assert len(teacher_runs) == 1
-    steps = [m.step for m in mlflow.get_metric_history(teacher_runs[0].info.run_id, "val_acc")]
+    steps = [m.step for m in mlflow.get_metric_history(teacher_runs[0].info.run_id, "val/acc")]
     assert sorted(steps) == [1, 2, 3]
     _, orphans = check_finished(tmp_path, name, trials=1, epochs=2)
     assert orphans == 0

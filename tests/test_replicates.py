@@ -43,7 +43,7 @@ def test_a_driver_killed_during_the_replicates_resumes_them_without_rerunning(
     assert main(search_args(root, name, "--resume")) == 0
     again = rows(root, name, "replicates.csv")
     assert [(r["replicate"], r["status"], r["epochs"]) for r in again] == [
-        ("1", "TERMINATED", "3"), ("2", "TERMINATED", "3")]
+        ("1", "COMPLETED", "3"), ("2", "COMPLETED", "3")]
     runs = mlflow_trials(tracking_uri(root), name)
     trial = rows(root, name)[0]["trial_id"]
     assert runs[trial] == before[trial]  # the search phase was not run again
@@ -69,7 +69,7 @@ def test_replicate_adds_replicates_to_a_finished_search(ray_session, root):
     again = rows(root, name, "replicates.csv")
     chosen = rows(root, name, "cells.csv")[0]["chosen_trial"]
     assert [(r["replicate"], r["replicate_of"], r["status"]) for r in again] == [
-        ("1", chosen, "TERMINATED"), ("2", chosen, "TERMINATED")]
+        ("1", chosen, "COMPLETED"), ("2", chosen, "COMPLETED")]
     table = (root / "ray" / name / "report" / "tables.md").read_text()
     assert "(n=3)" in table
 

@@ -37,7 +37,8 @@ def finalists(folder: Path, name: str) -> list[dict]:
         except ConfigError as err:
             raise UserError(f"the chosen config of cell {r['cell']} cannot be read ({err})") \
                 from None
-        out.append({"cell": r["cell"], "trial_id": r["chosen_trial"], "config": cfg})
+        out.append({"cell": r["cell"], "trial_id": r["chosen_trial"],
+                    "study_trial": r.get("study_trial", ""), "config": cfg})
     return out
 
 
@@ -100,8 +101,9 @@ def _run(settings, space, chosen, folder: Path, address: str | None) -> int:
     import ray
 
     from tuning import report
-    from tuning.search import tracking
+    from tuning.search import storage, tracking
     from tuning.search.driver import ensure_ray, replicate_phase
+    from tuning.search.teachers import local_teacher_dir
     from tuning.search.trainable import SearchContext
 
     commit = tracking.git_commit()
@@ -110,8 +112,8 @@ def _run(settings, space, chosen, folder: Path, address: str | None) -> int:
     status = "KILLED"
     try:
         teachers = {c["config"].teacher for c in chosen if c["config"].teacher}
-        teacher_runs = {t: tracking.teacher_run(tracker.uri, Path(t).parent, commit)
-                        for t in teachers if (Path(t).parent / "checkpoint.pt").is_file()}
+        teacher_runs = {t: tracking.teacher_run(tracker.uri, local_teacher_dir(t), commit)
+                        for t in teachers if storage.exists(t)}
         for c in chosen:
             c["run_id"] = tracker.find_trial_run(c["trial_id"])
         context = SearchContext(space=space, teacher_store=settings["teacher_store"],

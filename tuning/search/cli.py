@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import socket
 import sys
 import time
@@ -15,6 +17,7 @@ import yaml
 from data import DataError, load_arrays
 from tuning.checkpoint import atomic_write_text
 from tuning.config import ConfigError, RunConfig, UserError
+from tuning.search import storage
 from tuning.search.space import RUN_KEYS, Space, load_space, parse_space
 from tuning.search.teachers import plan_teachers
 from tuning.search.tracking import check_reachable, default_tracking_uri
@@ -75,7 +78,11 @@ def build_parser() -> Parser:
     p.add_argument("--objective", choices=("acc", "acc-time"), default=None,
                    help="acc (default): the last epoch's val accuracy; acc-time: the Pareto "
                         "front of val accuracy against training time, per cell")
-    p.add_argument("--data-root", default=None, help="where data sets are (default ./datasets)")
+    p.add_argument("--data-root", default=None,
+                   help="where data sets are, and where a missing one is downloaded to, once, "
+                        "before the trials (default ./datasets)")
+    p.add_argument("--no-download", action="store_true",
+                   help="never download: a missing data set is an error (as in tuning.train)")
     p.add_argument("--teacher-store", default=None,
                    help="cache of trained teachers, keyed by recipe (shared fs on a cluster); "
                         "default ./teachers")
@@ -85,6 +92,8 @@ def build_parser() -> Parser:
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="the Optuna storage holding one study per cell (default: "
                         "sqlite:///optuna.db beside the MLflow SQLite store, else here)")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the disk seems to lack the storage the search needs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a run-config value for every trial; it leaves the search, and an "
                         "across-dimension leaves the cells (e.g. --set dataset=cifar10)")
@@ -98,7 +107,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep:
             raise ConfigError(f"--set {pair!r} must look like KEY=VALUE, "
                               "e.g. --set dataset=cifar10")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {pair!r}: {value!r} is not a value; quote text, and write "
+                              "lists as [a, b]") from None
+        if isinstance(parsed, str) and FLOAT.fullmatch(parsed):
+            parsed = float(parsed)  # YAML reads 1e-3 as text
+        out[key.strip()] = parsed
     span = out.pop("eta_span", None)
     RunConfig.from_dict(out, source="--set")  # validate keys and values
     if span is not None:
@@ -108,6 +124,43 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError("--set eta_span and --set eta_epochs say the same thing; keep one")
         out["eta_span"] = span
     return out
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def check_name(name: str) -> None:
+    """A search's name becomes a folder, an experiment and a study prefix: letters, digits,
+    dots, dashes and underscores, no separator, not `.` or `..`."""
+    if not NAME.fullmatch(name) or name in (".", ".."):
+        raise UserError(f"--name {name!r} is not a valid search name; use letters, digits, '.', "
+                        "'-' and '_' (up to 100, starting with a letter or digit), no '/'")
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric flag in its range, before anything is written."""
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--teacher-epochs",
+                                                           args.teacher_epochs, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} must be at least {low}; got {value}")
+    if args.cpus_per_trial is not None and not args.cpus_per_trial > 0:
+        raise UserError(f"--cpus-per-trial must be more than 0; got {args.cpus_per_trial}")
+    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
+        raise UserError(f"--gpus-per-trial must be 0 or more; got {args.gpus_per_trial}")
+
+
+def check_gpus(settings: dict[str, Any], address: str | None) -> None:
+    """A trial that asks for GPUs a local machine does not have would wait for ever."""
+    if settings["gpus_per_trial"] <= 0 or address:
+        return  # a cluster's GPUs are checked once it is joined (driver.check_resources)
+    import torch
+
+    have = torch.cuda.device_count()
+    if have == 0 or settings["gpus_per_trial"] > have:
+        raise UserError(f"--gpus-per-trial {settings['gpus_per_trial']:g} asks for more GPUs "
+                        f"than this machine has ({have}); pass --gpus-per-trial 0 to train on "
+                        "the CPU, or join a cluster with GPUs (--address)")
 
 
 def check_count(n: int | None) -> None:
@@ -131,9 +184,10 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def local_search_dir(storage: str, name: str) -> Path:
-    """Where the driver's own files (settings, table, best config) go, beside Tune's."""
-    return Path(storage) / name if "://" not in storage else Path("searches").resolve() / name
+def local_search_dir(where: str, name: str) -> Path:
+    """Where the driver's own files (settings, tables, chosen configs) go: beside Tune's on a
+    local path; for a URI, in ./searches/NAME, and copied beside Tune's state (publish)."""
+    return Path(where) / name if not storage.is_uri(where) else Path("searches").resolve() / name
 
 
 def default_optuna_storage(tracking_uri: str) -> str:
@@ -163,6 +217,9 @@ def check_optuna_storage(url: str) -> None:
 
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the search runs with; saved beside it so --resume runs the same search."""
+    check_numbers(args)
+    if args.name is not None:
+        check_name(args.name)
     space_arg = args.space or "alignkd"
     space = load_space(space_arg)
     overrides = parse_overrides(args.set)
@@ -173,6 +230,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("num_samples", "scheduler", "objective", "cpus_per_trial", "replicates"):
         settings[key] = DEFAULTS[key] if settings[key] is None else settings[key]
     overrides["data_root"] = str(Path(args.data_root or DEFAULTS["data_root"]).resolve())
+    if args.no_download:
+        overrides["download"] = False
     if settings["seed"] is not None:
         overrides["seed"] = settings["seed"]  # like --set seed=N
     if settings["epochs"] is not None:
@@ -204,7 +263,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
             "space_text": space.text, "space_digest": space.digest, "overrides": overrides,
             "cells": [c.key for c in cells],
             "trials_per_cell": space.cell_budget(settings["num_samples"]),
-            "teacher_store": str(Path(args.teacher_store or DEFAULTS["teacher_store"]).resolve()),
+            "teacher_store": storage_uri(args.teacher_store or DEFAULTS["teacher_store"]),
             "storage_path": storage_uri(args.storage_path or DEFAULTS["storage_path"]),
             **settings}
 
@@ -236,6 +295,62 @@ def check_teacher(space: Space) -> None:
             raise UserError(f"teacher {path} was trained on {meta.get('dataset')} "
                             f"({meta['num_classes']} classes) but the search runs {name}; "
                             f"pass a teacher trained on {name}, or drop --set teacher")
+    # AlignKD compares stage features and JointRD runs them through the teacher's stages:
+    # the student's width must be the teacher's.
+    methods = space.values_of("method") or (RunConfig.method,)
+    widths = space.values_of("width") or (RunConfig.width,)
+    teacher_width = meta["arch"]["width"]
+    for width in widths:
+        if width != teacher_width and set(methods) & {"alignkd", "jointrd"}:
+            raise UserError(f"teacher {path} has width {teacher_width} but the search's "
+                            f"students have width {width}; AlignKD and JointRD need them equal: "
+                            f"pass --set width={teacher_width} or another teacher")
+
+
+def expected_storage(space: Space, settings: dict[str, Any]) -> tuple[int, str]:
+    """Bytes a search leaves on disk, and how they add up.
+
+    Every trial and replicate ends with one checkpoint in Tune's storage (weights and
+    momentum) and one model in MLflow's artifacts; each running trial briefly holds one more
+    checkpoint in storage and three in its local folder; each teacher, a checkpoint and a
+    model.
+    """
+    from models import resnet
+    from tuning.search.space import trial_values
+
+    sizes = []
+    for cell in space.cells():
+        cfg = RunConfig(**trial_values(space, cell.as_dict()))
+        classes = 100 if cfg.dataset == "cifar100" else 10
+        net = resnet(cfg.depth, shortcut=cfg.shortcut, num_classes=classes, width=cfg.width,
+                     stem="imagenet" if cfg.dataset == "imagewoof" else "cifar")
+        sizes.append(4 * sum(p.numel() for p in net.parameters()))
+    per_cell = settings["trials_per_cell"] + settings["replicates"]
+    ended = sum(3 * size * per_cell for size in sizes)  # a checkpoint (2x) and a model each
+    trials = len(sizes) * settings["trials_per_cell"]
+    running = settings["max_concurrent"] or max(1, (os.cpu_count() or 1))
+    largest = max(sizes)
+    total = ended + min(running, trials) * 4 * 2 * largest + 2 * len(sizes) * 3 * largest
+    return total, (f"{trials} trials and {len(sizes) * settings['replicates']} replicates, "
+                   f"models of {min(sizes) / 2**20:.1f}-{largest / 2**20:.1f} MB and "
+                   f"checkpoints twice that, {running} running at once")
+
+
+def check_space_free(space: Space, settings: dict[str, Any], force: bool) -> None:
+    """Print what the search will need; refuse when the storage's disk clearly lacks it."""
+    need, how = expected_storage(space, settings)
+    print(f"storage: about {need / 2**30:.2f} GB ({how})", flush=True)
+    path = settings["storage_path"]
+    if "://" in path or force:
+        return
+    probe = Path(path)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise UserError(f"the search needs about {need / 2**30:.1f} GB ({how}) but only "
+                        f"{free / 2**30:.1f} GB are free under {path}; free some, lower "
+                        "--num-samples or the width, or pass --force")
 
 
 def check_name_free(settings: dict[str, Any]) -> None:
@@ -270,17 +385,100 @@ def check_name_free(settings: dict[str, Any]) -> None:
         raise UserError(f"the tracking store {uri} already has a search named {name!r}; {fix}")
 
 
+SETTINGS_KEYS = {"name", "space_name", "space_source", "space_text", "space_digest",
+                 "overrides", "cells", "tracking_uri", "optuna_storage", "storage_path",
+                 "teacher_store", "epochs", "teacher_epochs", "num_samples", "seed",
+                 "scheduler", "objective", "gpus_per_trial", "cpus_per_trial"}
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """A search's search.yaml, or one line saying it is damaged (and how to go on)."""
+    fix = "restore it from a backup, or start the search again under a new --name"
+    try:
+        if path.stat().st_size > 1 << 20:
+            raise UserError(f"{path} is larger than any search.yaml this project writes; {fix}")
+        settings = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        raise UserError(f"{path} cannot be read ({type(err).__name__}); {fix}") from None
+    missing = SETTINGS_KEYS - set(settings) if isinstance(settings, dict) else SETTINGS_KEYS
+    if missing:
+        raise UserError(f"{path} is empty, truncated or not a search's settings (it lacks "
+                        f"{sorted(missing)[0]}); {fix}")
+    return settings
+
+
+def check_trusted(folder: Path, name: str) -> None:
+    """Resuming unpickles Ray Tune's state files: whoever can write them can run code here.
+    Refuse a search folder (or state file) that other users could have written."""
+    for path in [folder, *folder.glob("*.pkl"), *folder.glob("experiment_state-*.json")]:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise UserError(f"{path} can be written by another user (owner uid {st.st_uid}, "
+                            f"mode {st.st_mode & 0o777:o}); resuming {name!r} would run code "
+                            "from it, so make it yours alone (chmod go-w) or start afresh")
+
+
+_NAME_LOCK = None  # held by this process while its search runs; the kernel drops it at exit
+
+
+def hold_name(folder: Path, name: str) -> None:
+    """Lock the search's name while this driver lives: a second driver with the same --name
+    gets one line naming the running one. It is an flock, so a SIGKILLed driver never leaves
+    it stuck."""
+    import fcntl
+
+    global _NAME_LOCK
+    lock_path = folder.parent / f".{name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"search {name!r} is being run by {holder}; wait for it to end, or "
+                        "choose another --name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"driver pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _NAME_LOCK = handle
+
+
+def release_name() -> None:
+    global _NAME_LOCK
+    if _NAME_LOCK is not None:
+        _NAME_LOCK.close()  # closing the file drops the flock
+        _NAME_LOCK = None
+
+
 def load_resume_settings(args: argparse.Namespace) -> dict[str, Any]:
     if not args.name:
         raise UserError("--resume needs --name: the search to continue (see ray_results/)")
-    folder = local_search_dir(storage_uri(args.storage_path or DEFAULTS["storage_path"]),
-                              args.name)
+    check_name(args.name)
+    where = storage_uri(args.storage_path or DEFAULTS["storage_path"])
+    folder = local_search_dir(where, args.name)
     path = folder / SETTINGS_FILE
+    if not path.is_file() and storage.is_uri(where):
+        # Another machine's driver: the settings are kept beside Tune's state too.
+        stored = storage.join(where, args.name, SETTINGS_FILE)
+        try:
+            if storage.exists(stored):
+                storage.download(stored, path)
+        except OSError as err:
+            raise UserError(f"--storage-path {where} cannot be read ({err}); check the URI and "
+                            "the credentials") from None
     if not path.is_file():
         raise UserError(f"no search named {args.name!r} under "
                         f"{args.storage_path or DEFAULTS['storage_path']}; check --name "
                         "and --storage-path, or start it without --resume")
-    settings = yaml.safe_load(path.read_text())
+    settings = read_settings(path)
+    check_trusted(path.parent, args.name)
     if args.tracking_uri:
         settings["tracking_uri"] = args.tracking_uri
     if args.space:
@@ -321,28 +519,30 @@ def main(argv: list[str] | None = None) -> int:
         name = settings["name"]
         check_address(args.address)
         space = settings_space(settings)
+        check_gpus(settings, args.address)
         folder = local_search_dir(settings["storage_path"], settings["name"])
-        if not args.resume and (folder / SETTINGS_FILE).exists():
-            raise UserError(f"a search named {settings['name']!r} already exists in "
-                            f"{settings['storage_path']}; pass --resume to continue it, or "
-                            "a new --name")
         check_data(space)
         check_teacher(space)
         plan_teachers(space, settings["teacher_epochs"])  # a range it cannot plan: one line
         check_reachable(settings["tracking_uri"])
         check_optuna_storage(settings["optuna_storage"])
+        hold_name(folder, settings["name"])  # from here on, this driver's alone
+        exists = (folder / SETTINGS_FILE).exists() or (
+            storage.is_uri(settings["storage_path"]) and storage.exists(
+                storage.join(settings["storage_path"], settings["name"], SETTINGS_FILE)))
+        if not args.resume and exists:
+            raise UserError(f"a search named {settings['name']!r} already exists in "
+                            f"{settings['storage_path']}; pass --resume to continue it, or "
+                            "a new --name")
         if not args.resume:
             check_name_free(settings)
-        storage = settings["storage_path"]
-        if "://" not in storage:
-            probe = Path(storage)
-            try:
-                probe.mkdir(parents=True, exist_ok=True)
-                (probe / ".write-test").touch()
-                (probe / ".write-test").unlink()
-            except OSError:
-                raise UserError(f"--storage-path {storage} is not writable; choose a folder you "
-                                "can write to") from None
+            check_space_free(space, settings, args.force)
+        for flag, where in (("--storage-path", settings["storage_path"]),
+                            ("--teacher-store", settings["teacher_store"])):
+            problem = storage.check_writable(where)
+            if problem:
+                raise UserError(f"{flag} {where} is not writable ({problem}); choose a folder "
+                                "(or a bucket) you can write to")
         from tuning.search.driver import run_search  # imports Ray only once the input is known good
 
         return run_search(settings, space, address=args.address, resume=args.resume,
@@ -354,10 +554,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted; continue with: python -m tuning.search --resume --name {name}",
               file=sys.stderr)
         return 130
+    finally:
+        release_name()
 
 
 def write_settings(folder: Path, settings: dict[str, Any]) -> None:
-    atomic_write_text(folder / SETTINGS_FILE, yaml.safe_dump(settings, sort_keys=False))
+    """search.yaml in the search's folder, and beside Tune's state when that is a URI."""
+    text = yaml.safe_dump(settings, sort_keys=False)
+    atomic_write_text(folder / SETTINGS_FILE, text)
+    if storage.is_uri(settings["storage_path"]):
+        storage.write_bytes(storage.join(settings["storage_path"], settings["name"],
+                                         SETTINGS_FILE), text.encode())
 
 
 if __name__ == "__main__":

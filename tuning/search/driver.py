@@ -15,9 +15,11 @@ from ray import tune
 
 from tuning import report
 from tuning.checkpoint import atomic_write_text
+from tuning.config import UserError
 from tuning.search import results as res
-from tuning.search import tracking
+from tuning.search import storage, tracking
 from tuning.search.cells import Cell
+from tuning.search.recorder import DRIVER_HTTP, repair_runs, use_http_settings
 from tuning.search.replicates import COLUMNS as REPLICATE_COLUMNS
 from tuning.search.replicates import run_replicates
 from tuning.search.replicates import write_rows as write_replicates
@@ -31,8 +33,13 @@ from tuning.search.studies import (
     mark_lost,
     tell,
 )
-from tuning.search.teachers import plan_teachers, teacher_path, train_teacher
-from tuning.search.trainable import KEEP_CHECKPOINTS, SearchContext, run_trial
+from tuning.search.teachers import local_teacher_dir, plan_teachers, teacher_path, train_teacher
+from tuning.search.trainable import (
+    KEEP_CHECKPOINTS,
+    SearchContext,
+    keep_newest_checkpoint,
+    run_trial,
+)
 
 SETTINGS_NAME = "search.yaml"
 REDUCTION_FACTOR = 2  # successive halving keeps the top half of a cell at each rung
@@ -44,6 +51,11 @@ def ensure_ray(address: str | None) -> bool:
         return False
     # Every epoch is a checkpoint; Tune's warning about frequent snapshots is expected here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if address is None:
+        # A Ray this search starts for itself serves this machine alone: with this setting
+        # Ray takes 127.0.0.1 as the node's address, and its GCS, raylet and workers listen
+        # on the loopback interface only. Joining a cluster (--address) is the user's choice.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address=address, include_dashboard=False, log_to_driver=True,
              configure_logging=True, logging_level="warning")
     return True
@@ -56,19 +68,99 @@ class TrialRunStatus(tune.Callback):
         self.tracker, self.epochs = tracker, epochs
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run_id = self.tracker.find_trial_run(trial.trial_id)
-        if run_id is not None:
-            error = trial.get_error()
-            reason = error_reason(error) if error else "trial errored"
-            self.tracker.end_trial_run(run_id, "FAILED", reason=reason)
+        try:
+            run_id = self.tracker.find_trial_run(trial.trial_id)
+            if run_id is not None:
+                error = trial.get_error()
+                reason = error_reason(error) if error else "trial errored"
+                self.tracker.end_trial_run(run_id, "FAILED", reason=reason)
+        except Exception:  # noqa: BLE001 - a tracking outage: repaired after the trials
+            pass
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        epochs_done = int((trial.last_result or {}).get("epoch", 0))
-        if epochs_done >= self.epochs:
-            return  # the trial ended its own run, with its artifacts
-        run_id = self.tracker.find_trial_run(trial.trial_id)
-        if run_id is not None:
-            self.tracker.end_trial_run(run_id, "FINISHED", stopped_early=True)
+        result = trial.last_result or {}
+        if int(result.get("epoch", 0)) >= self.epochs or result.get("failed"):
+            return  # the trial ended its own run: with its artifacts, or FAILED with why
+        try:
+            run_id = self.tracker.find_trial_run(trial.trial_id)
+            if run_id is not None:
+                log_last_model(self.tracker, run_id, trial.checkpoint)
+                self.tracker.end_trial_run(run_id, "FINISHED", stopped_early=True)
+        except Exception:  # noqa: BLE001 - a tracking outage: repaired after the trials
+            pass
+
+
+class ProgressLines(tune.Callback):
+    """One line per trial event, in the words of results.csv (Ray's own tables are off)."""
+
+    def __init__(self, context: SearchContext, epochs: int, total: int) -> None:
+        self.context, self.epochs, self.total, self.done = context, epochs, total, 0
+
+    def _label(self, trial) -> str:
+        try:
+            return tracking.run_label(self.context.run_config(trial.config), trial.config)
+        except Exception:  # noqa: BLE001 - a label is not worth a failed search
+            return trial.trial_id
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        print(f"  started   {self._label(trial)} ({trial.trial_id})", flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        print(f"  restarted {self._label(trial)}: from its last checkpoint", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        epoch, acc = int(result.get("epoch", 0)), result.get("val_acc", math.nan)
+        self.done += 1
+        if result.get("failed"):
+            print(f"  [{self.done}/{self.total}] {self._label(trial)}: failed (not retried, it "
+                  f"would recur): {result['failed']}", flush=True)
+            return
+        what = ("completed      " if epoch >= self.epochs else
+                f"stopped early at epoch {epoch}:")
+        print(f"  [{self.done}/{self.total}] {self._label(trial)}: {what} "
+              f"val {100 * acc:.1f}%", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.done += 1
+        error = trial.get_error()
+        print(f"  [{self.done}/{self.total}] {self._label(trial)}: failed: "
+              f"{error_reason(error) if error else 'error'}", flush=True)
+
+
+def run_callbacks(tracker: tracking.Tracker, context: SearchContext, epochs: int,
+                  total: int) -> list:
+    """MLflow run states, our progress lines, and Tune's JSON and CSV logs (its automatic
+    loggers are off, which also drops its TensorBoard files and hint)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [TrialRunStatus(tracker, epochs), ProgressLines(context, epochs, total),
+            JsonLoggerCallback(), CSVLoggerCallback()]
+
+
+def log_last_model(tracker: tracking.Tracker, run_id: str, checkpoint) -> None:
+    """A trial stopped early keeps its artifacts too: the model and config of its last
+    checkpoint (trials checkpoint at every rung, so that is the epoch it was stopped at)."""
+    if checkpoint is None:
+        return
+    import tempfile
+
+    from tuning.checkpoint import load_checkpoint
+    from tuning.config import RunConfig
+    from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, model_from_checkpoint
+
+    c = tracking.client(tracker.uri)
+    try:
+        with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+            state = Path(folder) / CHECKPOINT_NAME
+            epoch = model_from_checkpoint(state, Path(tmp) / MODEL_NAME)
+            cfg = RunConfig.from_dict(load_checkpoint(state)["config"])
+            (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
+            c.log_artifact(run_id, str(Path(tmp) / MODEL_NAME))
+            c.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+            c.set_tag(run_id, "model_epoch", str(epoch))
+    except Exception as err:  # noqa: BLE001 - a missing model must not stop the search
+        c.set_tag(run_id, "model_epoch", f"none ({type(err).__name__}: {err})"[:250])
 
 
 def close_unrecorded_runs(tracker: tracking.Tracker, rows: list[dict[str, Any]],
@@ -93,11 +185,11 @@ def close_unrecorded_runs(tracker: tracking.Tracker, rows: list[dict[str, Any]],
                                          "trial, so the resumed search could not continue it")
 
 
-def train_teachers(space: Space, settings: dict[str, Any]) -> list[Path]:
+def train_teachers(space: Space, settings: dict[str, Any]) -> list[str]:
     """Train every missing teacher the space can ask for, as parallel Ray tasks."""
-    store = Path(settings["teacher_store"])
+    store = settings["teacher_store"]
     recipes = plan_teachers(space, settings["teacher_epochs"])
-    missing = [r for r in recipes if not teacher_path(store, r).is_file()]
+    missing = [r for r in recipes if not storage.exists(teacher_path(store, r))]
     print(f"teachers: {len(recipes)} needed, {len(recipes) - len(missing)} in the store "
           f"{store}", flush=True)
     paths = [teacher_path(store, r) for r in recipes]
@@ -145,11 +237,11 @@ def settle_studies(book: StudyBook, cells: list[Cell], rows: list[dict[str, Any]
             continue
         cell = next(c for c in cells if c.key == row["cell"])
         frozen = book.trial(cell, row["study_trial"])
-        if frozen.state == TrialState.FAIL and row["status"] != "ERROR":
-            row["status"] = "ERROR"
+        if frozen.state == TrialState.FAIL and row["status"] != "FAILED":
+            row["status"] = "FAILED"
             row["error"] = row["error"] or frozen.user_attrs.get(
                 "failure", "the trial failed before the search driver was killed")
-        elif frozen.state == TrialState.PRUNED and row["status"] == "TERMINATED":
+        elif frozen.state == TrialState.PRUNED and row["status"] == "COMPLETED":
             row["status"] = "STOPPED_EARLY"
         elif frozen.state.is_finished():
             continue
@@ -157,15 +249,53 @@ def settle_studies(book: StudyBook, cells: list[Cell], rows: list[dict[str, Any]
             book.study(cell).tell(row["study_trial"], state=TrialState.PRUNED)
         else:
             metrics = dict(row["_result"].metrics or {})
-            tell(book, cell, row["study_trial"], metrics, error=row["status"] == "ERROR",
+            tell(book, cell, row["study_trial"], metrics, error=row["status"] == "FAILED",
                  epochs=epochs)
+
+
+def publish(folder: Path, settings: dict[str, Any]) -> None:
+    """With a URI storage path, the search's own files go there too, beside Tune's, so that
+    any machine can resume it or read its tables."""
+    if not storage.is_uri(settings["storage_path"]):
+        return
+    base = storage.join(settings["storage_path"], settings["name"])
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        storage.upload(path, storage.join(base, *path.relative_to(folder).parts))
+
+
+def check_resources(settings: dict[str, Any]) -> None:
+    """A trial must fit on some node of the Ray it runs on, or it would wait for ever."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if n.get("CPU", 0) >= settings["cpus_per_trial"]
+            and n.get("GPU", 0) >= settings["gpus_per_trial"]]
+    if not fits:
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+        raise UserError(f"no node of this Ray cluster has {settings['cpus_per_trial']:g} CPU(s) "
+                        f"and {settings['gpus_per_trial']:g} GPU(s) for a trial (the largest "
+                        f"has {largest.get('CPU', 0):g} and {largest.get('GPU', 0):g}); lower "
+                        "--cpus-per-trial or --gpus-per-trial")
+
+
+def mark_interrupted(tracker: tracking.Tracker, trial_ids: list[str]) -> None:
+    """The records of an interrupted search say so: its parent and its unfinished trials'
+    runs end KILLED with the reason (a resume sets them running again)."""
+    reason = "the search was interrupted; `python -m tuning.search --resume` continues it"
+    try:
+        c = tracking.client(tracker.uri)
+        c.set_tag(tracker.parent_run_id, "state", "interrupted")
+        for trial_id in trial_ids:
+            run_id = tracker.find_trial_run(trial_id)
+            if run_id is not None and c.get_run(run_id).info.status == "RUNNING":
+                tracker.end_trial_run(run_id, "KILLED", reason=reason)
+    except Exception:  # noqa: BLE001 - an interrupted search must still exit at once
+        pass
 
 
 def interrupted(grid) -> list[str]:
     """Trials that Tune left unfinished: the search was interrupted (Ctrl-C, SIGTERM), and
     Tune saved its state and returned instead of raising."""
     trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
-    return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]  # Ray's
 
 
 def measure_tests(book: StudyBook, cells: list[Cell], chosen: dict[str, dict[str, Any]],
@@ -192,17 +322,51 @@ def measure_tests(book: StudyBook, cells: list[Cell], chosen: dict[str, dict[str
             "val_acc": row["val_acc"], "test_acc": row["test_acc"]})
 
 
+class Records:
+    """The driver's MLflow calls after the trials, each guarded: a tracking outage then costs
+    the records (which `tuning.report --repair` completes), never the search's results."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def __call__(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - see the class's docstring
+            self.failed.append(what)
+            reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            print(f"warning: could not {what} in MLflow ({reason})", flush=True)
+            return None
+
+
+def run_maker(tracker: tracking.Tracker, context: SearchContext):
+    """Creates the run of a trial that never got one (its tracking was down all along)."""
+    def start(row: dict[str, Any]) -> str:
+        sample = dict(row["_result"].config or {})
+        cfg = row["_config"]
+        return tracker.start_trial_run(row["trial_id"], "", cfg, sample,
+                                       context.teacher_runs.get(cfg.teacher or ""))
+    return start
+
+
 def replicate_phase(settings: dict[str, Any], context: SearchContext, tracker: tracking.Tracker,
-                    chosen: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]] | None:
+                    chosen: list[dict[str, Any]], folder: Path,
+                    records: Records | None = None) -> list[dict[str, Any]] | None:
     """Train each chosen trial again with new seeds (settings["replicates"] times); None when
     interrupted."""
+    records = records or Records()
     t0 = time.perf_counter()
+    total = settings["replicates"] * len(chosen)
     rows = run_replicates(settings, context, chosen, settings["replicates"],
-                          callbacks=[TrialRunStatus(tracker, settings["epochs"])])
+                          callbacks=run_callbacks(tracker, context, settings["epochs"], total))
     if rows is None:
         return None
-    tracking.settle_trial_runs(tracker, rows)
-    close_unrecorded_runs(tracker, rows, role="replicate")
+    for row in rows:
+        keep_newest_checkpoint(row["_result"].checkpoint)
+    records("complete the replicate runs", repair_runs, tracker, rows, run_maker(tracker, context))
+    records("record the replicates' final states", tracking.settle_trial_runs, tracker, rows)
+    records("close the runs of unrecorded replicates", close_unrecorded_runs, tracker, rows,
+            role="replicate")
     write_replicates(rows, folder)
     print("\nreplicates (the chosen trials again, with new seeds; test accuracy measured once "
           "each)")
@@ -220,31 +384,46 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
     # 10 s or more by default; a trial it has not saved yet is one that a resume after a killed
     # driver cannot continue. Every 2 s keeps that window shorter than a trial's start-up.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # see run_callbacks
+    # Ray's tables say TERMINATED for a trial stopped early, and its new output engine prints
+    # them even at verbose=0; the legacy engine at 0 is silent, and ProgressLines speaks.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = ensure_ray(address)
+    try:
+        check_resources(settings)
+    except UserError:
+        if started:
+            ray.shutdown()
+        raise
     commit = tracking.git_commit()
     tracker = tracking.start_parent(settings["tracking_uri"], settings, commit)
-    if not resume:
-        settings["parent_run_id"] = tracker.parent_run_id
+    if settings.get("parent_run_id") != tracker.parent_run_id:
+        settings["parent_run_id"] = tracker.parent_run_id  # new, or made again
         write_settings(folder, settings)
+    tracking.save_views(tracker, [p.name for p in space.params] + list(space.grid),
+                        list(space.dims))
     cells = space.cells()
     book = StudyBook(settings["optuna_storage"], settings["name"], space, seed=settings["seed"],
                      multi_objective=settings["objective"] == "acc-time",
                      budget=settings["num_samples"])
-    started = ensure_ray(address)
+    use_http_settings(DRIVER_HTTP)  # after Ray started: the workers set their own
     t_start = time.perf_counter()
     status = "KILLED"
     try:
         teachers = train_teachers(space, settings)
-        teacher_runs = {str(p): tracking.teacher_run(tracker.uri, p.parent, commit)
+        teacher_runs = {p: tracking.teacher_run(tracker.uri, local_teacher_dir(p), commit)
                         for p in teachers}
         experiment = f"{settings['storage_path'].rstrip('/')}/{settings['name']}"
+        rungs = scheduler_rungs(space, settings)
         context = SearchContext(space=space, teacher_store=settings["teacher_store"],
                                 teacher_epochs=settings["teacher_epochs"],
                                 search_name=settings["name"], tracker=tracker,
-                                teacher_runs=teacher_runs, experiment_path=experiment)
+                                teacher_runs=teacher_runs, experiment_path=experiment,
+                                rungs=rungs)
         trainable = make_trainable(context, settings)
-        rungs = scheduler_rungs(space, settings)
         budget = space.cell_budget(settings["num_samples"])
+        print(tracking.where_to_look(tracker, settings["optuna_storage"]), flush=True)
         print(f"cells: {len(cells)}, {budget} trials each ({', '.join(c.label for c in cells)})"
               f"; early stopping: " + (f"at epochs {', '.join(map(str, rungs))}, within each "
                                        "cell" if rungs else "none (FIFO)") +
@@ -270,18 +449,31 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
                 run_config=tune.RunConfig(
                     name=settings["name"], storage_path=settings["storage_path"],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                    failure_config=tune.FailureConfig(max_failures=2), verbose=1,
-                    callbacks=[TrialRunStatus(tracker, settings["epochs"])]),
+                    failure_config=tune.FailureConfig(max_failures=2), verbose=0,
+                    callbacks=run_callbacks(tracker, context, settings["epochs"],
+                                            budget * len(cells))),
             )
         grid = tuner.fit()
         unfinished = interrupted(grid)
         if unfinished:
+            mark_interrupted(tracker, unfinished)
             print(f"\nthe search was interrupted with {len(unfinished)} trial(s) unfinished; "
                   "nothing was chosen or tested. Continue it with:\n  python -m tuning.search "
                   f"--resume --name {settings['name']} --storage-path "
                   f"{settings['storage_path']}", flush=True)
             return 130
         rows = res.trial_rows(grid, context)
+        # Only now, with Tune's state saved for good: a driver killed earlier must still find
+        # the checkpoint its saved state names for each trial.
+        for row in rows:
+            keep_newest_checkpoint(row["_result"].checkpoint)
+        records = Records()
+        # Runs a tracking outage kept from the trials are completed from their checkpoints.
+        repaired = records("complete the trial runs", repair_runs, tracker, rows,
+                           run_maker(tracker, context))
+        if repaired and any(repaired.values()):
+            print(f"tracking: {repaired['created']} run(s) created and "
+                  f"{repaired['epochs_added']} epoch(s) logged from the trials' checkpoints")
         settle_studies(book, cells, rows, settings["epochs"])
         res.mark_pareto(rows)
         chosen = res.choose(rows)
@@ -292,11 +484,12 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
             path = folder / "best" / f"{cell.slug}.yaml"
             atomic_write_text(path, row["_config"].to_yaml())
             configs[cell_key] = str(path)
-        tracking.settle_trial_runs(tracker, rows)
-        close_unrecorded_runs(tracker, rows)
+        records("record the trials' final states", tracking.settle_trial_runs, tracker, rows)
+        records("close the runs of unrecorded trials", close_unrecorded_runs, tracker, rows)
         res.write_csv(rows, folder / "results.csv")
         cell_table = res.cell_rows(rows, [c.key for c in cells], configs)
         res.write_csv(cell_table, folder / "cells.csv", res.CELL_COLUMNS)
+        records("log the per-cell table", tracking.log_cell_table, tracker, cell_table, chosen)
         print(res.table_text(rows))
         print("\nper cell (val_acc: the chosen trial's last epoch; test_acc: the same weights)")
         print(res.table_text(cell_table, res.CELL_COLUMNS[:-1]))
@@ -305,35 +498,48 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
         replicated = []
         if settings.get("replicates", 0) and chosen:
             finals = [{"cell": key, "trial_id": row["trial_id"],
+                       "study_trial": row["study_trial"],
                        "run_id": row.get("mlflow_run_id"), "config": row["_config"]}
                       for key, row in chosen.items()]
-            replicated = replicate_phase(settings, context, tracker, finals, folder)
+            replicated = replicate_phase(settings, context, tracker, finals, folder, records)
             if replicated is None:
                 print(f"\nthe replicates were interrupted; continue them with:\n  python -m "
                       f"tuning.search --resume --name {settings['name']} --storage-path "
                       f"{settings['storage_path']}", flush=True)
                 return 130
-        try:
-            report_text, _ = report.build(tracker.uri, settings["name"], folder / "report")
-            print(report_text)
-        except Exception as err:  # noqa: BLE001 - plots are a convenience; never lose a search
-            print(f"warning: the comparison plots failed ({err}); the results are intact")
-        status = "FINISHED"
-        tracking.finish_parent(tracker, [folder / "results.csv", folder / "cells.csv",
-                                         *([folder / "replicates.csv"] if replicated else []),
-                                         folder / SETTINGS_NAME, *map(Path, configs.values())],
-                               chosen)
+        built = records("build the report", report.build, tracker.uri, settings["name"],
+                        folder / "report")
+        if built:
+            print(built[0])
+        records("finish the parent run", tracking.finish_parent, tracker,
+                [folder / "results.csv", folder / "cells.csv",
+                 *([folder / "replicates.csv"] if replicated else []),
+                 folder / SETTINGS_NAME, *map(Path, configs.values())], chosen)
+        status = "FINISHED" if not records.failed else "RUNNING"
+        publish(folder, settings)
+        print("\n" + tracking.where_to_look(tracker, settings["optuna_storage"]))
         empty = [c.label for c in cells if c.key not in chosen]
         print(f"\ntables: {folder / 'results.csv'} (every trial), {folder / 'cells.csv'} "
               f"(per cell)\nchosen configs: {folder / 'best'}/ (run one again with "
               "`python -m tuning.train --config FILE`)")
+        if records.failed:
+            print(f"\nthe training is done and its results are in {folder}, but MLflow could not "
+                  f"{'; nor '.join(records.failed)}. When the tracking server answers, complete "
+                  f"the records with:\n  python -m tuning.report {settings['name']} --repair "
+                  f"--storage-path {settings['storage_path']} --tracking-uri {tracker.uri}")
+            return 3
         if empty:
             print(f"no trial completed in cell(s) {', '.join(empty)}; see "
                   f"{folder / 'results.csv'} for the errors")
             return 1
         return 0
     finally:
-        if status != "FINISHED":
-            tracking.client(tracker.uri).set_terminated(tracker.parent_run_id, status=status)
+        if status not in ("FINISHED", "RUNNING"):
+            try:
+                c = tracking.client(tracker.uri)
+                c.set_tag(tracker.parent_run_id, "state", "interrupted")
+                c.set_terminated(tracker.parent_run_id, status=status)
+            except Exception:  # noqa: BLE001 - nothing more can be recorded
+                pass
         if started:
             ray.shutdown()

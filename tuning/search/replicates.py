@@ -35,6 +35,7 @@ def replicate_trials(chosen: list[dict[str, Any]], n: int) -> list[dict[str, Any
         for i in range(1, n + 1):
             out.append({"cell": c["cell"], "replicate": i, "replicate_of": c["trial_id"],
                         "replicate_of_run": c.get("run_id") or "",
+                        "replicate_of_number": c.get("study_trial", ""),
                         "config": {**cfg.to_dict(), "seed": cfg.seed + i}})
     return out
 
@@ -76,7 +77,7 @@ def run_replicates(settings: dict[str, Any], context: SearchContext,
     from tuning.search.driver import make_trainable
 
     path = experiment_path(settings)
-    context = dataclasses.replace(context, experiment_path=path, evaluate_test=True)
+    context = dataclasses.replace(context, experiment_path=path, evaluate_test=True, rungs=())
     trainable = make_trainable(context, settings)
     configs = replicate_trials(chosen, n)
     if tune.Tuner.can_restore(path):
@@ -91,7 +92,7 @@ def run_replicates(settings: dict[str, Any], context: SearchContext,
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                failure_config=tune.FailureConfig(max_failures=2), verbose=1,
+                failure_config=tune.FailureConfig(max_failures=2), verbose=0,
                 callbacks=callbacks))
     grid = tuner.fit()
     from tuning.search.driver import interrupted
@@ -107,11 +108,13 @@ def run_replicates(settings: dict[str, Any], context: SearchContext,
         rows.append({"cell": sample["cell"], "replicate": sample["replicate"], "seed": cfg.seed,
                      "trial_id": metrics.get("trial_id", ""),
                      "replicate_of": sample["replicate_of"],
-                     "status": trial_status(result.error, epochs, cfg.epochs),
+                     "status": trial_status(result.error, epochs, cfg.epochs,
+                                            metrics.get("failed")),
                      "val_acc": metrics.get("val_acc", math.nan),
                      "test_acc": metrics.get("test_acc", math.nan),
                      "train_time": metrics.get("train_time", math.nan), "epochs": epochs,
-                     "error": error_reason(result.error) if result.error else ""})
+                     "error": error_reason(result.error) if result.error else
+                     metrics.get("failed") or "", "_result": result, "_config": cfg})
     return sorted(rows, key=lambda r: (r["cell"], r["replicate"]))
 
 

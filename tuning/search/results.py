@@ -31,10 +31,12 @@ def error_reason(error: Any) -> str:
     return lines[-1][:500] if lines else type(error).__name__
 
 
-def trial_status(error: Any, epochs_done: int, epochs: int) -> str:
-    if error is not None:
-        return "ERROR"
-    return "TERMINATED" if epochs_done >= epochs else "STOPPED_EARLY"
+def trial_status(error: Any, epochs_done: int, epochs: int, failed: str | None = None) -> str:
+    """COMPLETED, STOPPED_EARLY or FAILED: an error Tune raised (after its retries), or a
+    failure the trial reported itself (one that would recur; see trainable.DETERMINISTIC)."""
+    if error is not None or failed:
+        return "FAILED"
+    return "COMPLETED" if epochs_done >= epochs else "STOPPED_EARLY"
 
 
 def trial_rows(results, context) -> list[dict[str, Any]]:
@@ -52,13 +54,15 @@ def trial_rows(results, context) -> list[dict[str, Any]]:
         rows.append({
             "cell": sample.get("cell", ""), "study_trial": sample.get("study_trial", ""),
             "trial_id": metrics.get("trial_id", Path(result.path).name if result.path else ""),
-            "status": trial_status(result.error, epochs_done, cfg.epochs), "chosen": False,
+            "status": trial_status(result.error, epochs_done, cfg.epochs,
+                                   metrics.get("failed")), "chosen": False,
             "method": cfg.method, "dataset": cfg.dataset, "depth": cfg.depth,
             "val_acc": metrics.get("val_acc", math.nan), "test_acc": math.nan,
             "train_time": metrics.get("train_time", math.nan),
             "epochs": epochs_done, "node_id": metrics.get("node_id", ""),
             **{k: v for k, v in sample.items() if k not in META},
-            "error": error_reason(result.error) if result.error else "",
+            "error": error_reason(result.error) if result.error else
+            metrics.get("failed") or "",
             "_result": result, "_config": cfg,
         })
     return sorted(rows, key=lambda r: (str(r["cell"]), _number(r["study_trial"])))
@@ -70,7 +74,7 @@ def _number(value: Any) -> int:
 
 def completed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Trials that ran every epoch: the only ones whose accuracy is a final one."""
-    return [r for r in rows if r["status"] == "TERMINATED" and math.isfinite(r["val_acc"])]
+    return [r for r in rows if r["status"] == "COMPLETED" and math.isfinite(r["val_acc"])]
 
 
 def mark_pareto(rows: list[dict[str, Any]]) -> None:
@@ -116,9 +120,9 @@ def cell_rows(rows: list[dict[str, Any]], cells: list[str],
         best = next((r for r in mine if r["chosen"]), None)
         out.append({
             "cell": cell, "trials": len(mine),
-            "completed": sum(r["status"] == "TERMINATED" for r in mine),
+            "completed": sum(r["status"] == "COMPLETED" for r in mine),
             "stopped_early": sum(r["status"] == "STOPPED_EARLY" for r in mine),
-            "failed": sum(r["status"] == "ERROR" for r in mine),
+            "failed": sum(r["status"] == "FAILED" for r in mine),
             "chosen_trial": best["trial_id"] if best else "",
             "study_trial": best["study_trial"] if best else "",
             "val_acc": best["val_acc"] if best else math.nan,
@@ -158,9 +162,12 @@ def stored_test_accuracy(cfg: RunConfig, checkpoint, epoch: int) -> float:
         return test_accuracy(cfg, Path(folder), epoch=epoch)
 
 
+TERMINAL_HIDDEN = {"error", "run_name", "mlflow_run_id", "node_id"}  # in the CSV only
+
+
 def table_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     """A fixed-width table for the terminal."""
-    columns = columns or [c for c in table_columns(rows) if c != "error"]
+    columns = columns or [c for c in table_columns(rows) if c not in TERMINAL_HIDDEN]
     cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
               for i, c in enumerate(columns)]

@@ -144,9 +144,24 @@ def resolve_space_path(name_or_path: str) -> Path:
     return bundled
 
 
+MAX_SPACE_BYTES = 64 << 10  # a space is a page of YAML; anything larger is not one
+
+
 def load_space(name_or_path: str) -> Space:
     path = resolve_space_path(name_or_path)
-    return parse_space(path.read_text(), source=str(path), name=path.stem)
+    try:
+        data = path.read_bytes() if path.stat().st_size <= MAX_SPACE_BYTES else None
+        if data is None:
+            raise SpaceError(f"{path}: (file): larger than {MAX_SPACE_BYTES // 1024} KB; a space "
+                             "file is a page of YAML")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpaceError(f"{path}: (file): not a text (UTF-8) file; pass a YAML space file") \
+            from None
+    except OSError as err:
+        raise SpaceError(f"{path}: (file): cannot be read ({err.strerror}); check the path") \
+            from None
+    return parse_space(text, source=str(path), name=path.stem)
 
 
 def parse_space(text: str, *, source: str, name: str) -> Space:
@@ -155,6 +170,11 @@ def parse_space(text: str, *, source: str, name: str) -> Space:
         return SpaceError(f"{source}: {key}: {message}")
 
     try:
+        # Anchors and aliases are refused: a space needs none, and nested aliases are how a
+        # few lines of YAML expand into billions of nodes.
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
+            raise fail("(file)", "anchors and aliases (&name, *name) are not allowed in a space "
+                                 "file; write the values out")
         doc = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)

@@ -242,8 +242,9 @@ def tell(book: StudyBook, cell: Cell, number: int, result: dict | None, *, error
         return frozen
     result = result or {}
     epoch = int(result.get("epoch", 0))
-    if error:
-        book.storage.set_trial_user_attr(frozen._trial_id, "failure", "the trial errored")
+    if error or result.get("failed"):
+        book.storage.set_trial_user_attr(frozen._trial_id, "failure",
+                                         result.get("failed") or "the trial errored")
         return study.tell(number, state=TrialState.FAIL)
     value = result.get(METRIC)
     if epoch < epochs or value is None or not math.isfinite(value):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,14 @@ from typing import Any
 import yaml
 
 from tuning.config import RunConfig
+from tuning.search import storage
 from tuning.search.space import Space, SpaceError, trial_values
 from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, train
 
 # Fields of a trial's config that a teacher's recipe inherits; the rest is the recipe's own.
 INHERITED = ("dataset", "data_root", "data_path", "val_fraction", "split_seed", "width",
              "batch_size", "seed", "download", "checkpoint_interval_s")
-VOLATILE = ("device", "extra", "checkpoint_interval_s")  # no part of what a teacher learns
+VOLATILE = ("device", "extra", "checkpoint_interval_s", "download")  # not what it learns
 RECIPE_FIELDS = set(INHERITED) | {"depth", "teacher_depth", "method", "teacher"}
 
 
@@ -91,20 +93,48 @@ def _choice_combinations(space: Space, cell: dict[str, Any]) -> list[dict[str, A
     return combos
 
 
-def teacher_path(store: Path, recipe: TeacherRecipe) -> Path:
-    return Path(store) / recipe.key / MODEL_NAME
+def teacher_path(store: str | Path, recipe: TeacherRecipe) -> str:
+    """Where a teacher's model lives in the store: a local path, or a URI (s3://...)."""
+    return storage.join(store, recipe.key, MODEL_NAME)
 
 
-def train_teacher(recipe: TeacherRecipe, store: Path) -> dict[str, Any]:
+TEACHER_FILES = (MODEL_NAME, CHECKPOINT_NAME, "config.yaml")
+
+
+def local_teacher_dir(path: str) -> Path:
+    """The folder of a stored teacher's files on this node: the store's own for a local store;
+    for a URI, a node-local copy, fetched once under a lock (teachers never change)."""
+    if not storage.is_uri(path):
+        return Path(path).parent
+    from filelock import FileLock
+
+    folder = path.rsplit("/", 1)[0]
+    local = Path(tempfile.gettempdir()) / "plainkd-teachers" / \
+        hashlib.sha256(folder.encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(local) + ".lock"):
+        for name in TEACHER_FILES:
+            if not (local / name).is_file():
+                storage.download(storage.join(folder, name), local / name)
+    return local
+
+
+def train_teacher(recipe: TeacherRecipe, store: str | Path) -> dict[str, Any]:
     """Train one teacher into the store, resuming a partial one; a no-op when it exists.
 
     It trains in `<key>.partial/` and renames that to `<key>/` when done, so the store only
     ever holds finished teachers, and a killed search resumes the teacher from its checkpoint.
+    With a URI store the partial folder is on the node that trains it, and the finished
+    teacher's files are uploaded (model last, so that a model in the store means a finished
+    teacher).
     """
-    final = Path(store) / recipe.key
-    if (final / MODEL_NAME).is_file():
-        return {"key": recipe.key, "path": str(final / MODEL_NAME), "trained": False}
-    partial = final.with_name(final.name + ".partial")
+    target = teacher_path(store, recipe)
+    if storage.exists(target):
+        return {"key": recipe.key, "path": target, "trained": False}
+    if storage.is_uri(store):
+        partial = Path(tempfile.gettempdir()) / "plainkd-teachers" / f"{recipe.key}.partial"
+    else:
+        partial = Path(store) / f"{recipe.key}.partial"
     partial.mkdir(parents=True, exist_ok=True)
     ckpt = partial / CHECKPOINT_NAME
     has_ckpt = ckpt.exists() or ckpt.with_name(CHECKPOINT_NAME + ".prev").exists()
@@ -112,9 +142,14 @@ def train_teacher(recipe: TeacherRecipe, store: Path) -> dict[str, Any]:
     (partial / "config.yaml").write_text(recipe.config.to_yaml())
     for torn in partial.glob(".*.tmp"):  # half-written files of a killed earlier attempt
         torn.unlink(missing_ok=True)
+    if storage.is_uri(store):
+        for name in reversed(TEACHER_FILES):
+            storage.upload(partial / name, storage.join(store, recipe.key, name))
+        shutil.rmtree(partial, ignore_errors=True)
+        return {"key": recipe.key, "path": target, "trained": True, "metrics": metrics}
+    final = Path(store) / recipe.key
     if final.exists():  # another search finished the same teacher first
         shutil.rmtree(partial, ignore_errors=True)
     else:
         os.replace(partial, final)
-    return {"key": recipe.key, "path": str(final / MODEL_NAME), "trained": True,
-            "metrics": metrics}
+    return {"key": recipe.key, "path": target, "trained": True, "metrics": metrics}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import re
@@ -15,12 +16,15 @@ import ray
 import torch
 from ray import tune
 
-from tuning.checkpoint import CheckpointError, atomic_write_text, safe_load, staged
-from tuning.config import RunConfig
+from data import DataError
+from tuning.checkpoint import CheckpointError, safe_load, staged
+from tuning.config import RunConfig, UserError
+from tuning.search import storage
+from tuning.search.recorder import TRIAL_HTTP, TrialRecorder, use_http_settings
 from tuning.search.space import Space, trial_values
-from tuning.search.teachers import teacher_path, teacher_recipe
-from tuning.search.tracking import Tracker, client, log_metrics
-from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, train
+from tuning.search.teachers import local_teacher_dir, teacher_path, teacher_recipe
+from tuning.search.tracking import Tracker
+from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, DivergedError, OutOfMemory, train
 
 
 @dataclass
@@ -35,6 +39,7 @@ class SearchContext:
     teacher_runs: dict[str, str] = field(default_factory=dict)  # teacher path -> its run id
     experiment_path: str | None = None  # the search's folder in Tune's storage (path or URI)
     evaluate_test: bool = False  # replicates measure their test accuracy; search trials don't
+    rungs: tuple[int, ...] = ()  # epochs a trial may be stopped at: each writes a checkpoint
 
     def run_config(self, sample: dict[str, Any]) -> RunConfig:
         """The trial's RunConfig: the space's fixed values, its cell and sample, and its
@@ -44,7 +49,7 @@ class SearchContext:
         cfg = RunConfig(**trial_values(self.space, sample))
         if cfg.method != "ce" and not cfg.teacher:
             recipe = teacher_recipe(cfg, self.teacher_epochs)
-            cfg.teacher = str(teacher_path(Path(self.teacher_store), recipe))
+            cfg.teacher = teacher_path(self.teacher_store, recipe)
         return cfg
 
 
@@ -93,6 +98,28 @@ def stored_checkpoints(context: SearchContext) -> list[tune.Checkpoint]:
     found = [i.path for i in infos
              if i.type == pyarrow.fs.FileType.Directory and _index(i.path) >= 0]
     return [tune.Checkpoint(p, filesystem=fs) for p in sorted(found, key=_index)]
+
+
+def keep_newest_checkpoint(checkpoint) -> int:
+    """Delete every checkpoint of an ended trial in Tune's storage but `checkpoint`, its
+    newest: that one holds its last model and every epoch's metrics (for `--repair`); the one
+    before it was only a fallback while the trial ran. Call it once Tune has returned: until
+    then a resumed driver may restore from the older one. Returns how many were deleted."""
+    import pyarrow.fs
+
+    if checkpoint is None:
+        return 0
+    fs, folder = checkpoint.filesystem, str(PurePosixPath(checkpoint.path).parent)
+    keep = _index(checkpoint.path)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+        older = [i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                 and 0 <= _index(i.path) < keep]
+        for path in older:
+            fs.delete_dir(path)
+    except OSError:
+        return 0
+    return len(older)
 
 
 def mend_bookkeeping(stored: list[tune.Checkpoint]) -> None:
@@ -188,76 +215,134 @@ def catch_up(run_dir: Path, resume_from: Path | None, state: dict,
     return resume_from, state
 
 
-class TrialRunLogger:
-    """Logs each epoch to the trial's run; after the last, its artifacts, then ends the run."""
-
-    def __init__(self, tracker: Tracker, run_id: str, cfg: RunConfig, run_dir: Path) -> None:
-        self.tracker, self.run_id, self.cfg, self.run_dir = tracker, run_id, cfg, run_dir
-
-    def __call__(self, metrics: dict[str, Any], ckpt: Path | None) -> None:
-        log_metrics(self.tracker.uri, self.run_id, metrics, step=metrics["epoch"])
-        if metrics["epoch"] < self.cfg.epochs:
-            return
-        atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
-        mlflow = client(self.tracker.uri)
-        mlflow.log_artifact(self.run_id, str(self.run_dir / MODEL_NAME))
-        mlflow.log_artifact(self.run_id, str(self.run_dir / "config.yaml"))
-        self.tracker.end_trial_run(self.run_id, "FINISHED")
-
-
-def trial_run_id(context: SearchContext, cfg: RunConfig, sample: dict[str, Any],
-                 state: dict) -> str | None:
+def run_starter(context: SearchContext, cfg: RunConfig, sample: dict[str, Any], state: dict):
     """The trial's MLflow run: the one named in its checkpoint, else found by trial id, else new.
 
     A restarted trial therefore continues its own run and never starts a second one.
     """
-    tracker = context.tracker
-    if tracker is None:
-        return None
-    trial = tune.get_context()
-    run_id = state.get("extra", {}).get("mlflow_run_id") or \
-        tracker.find_trial_run(trial.get_trial_id())
-    if run_id:
-        tracker.resume_trial_run(run_id)
-        return run_id
-    return tracker.start_trial_run(trial.get_trial_id(), trial.get_trial_name(), cfg, sample,
-                                   context.teacher_runs.get(cfg.teacher or ""))
+    tracker, trial = context.tracker, tune.get_context()
+
+    def start() -> str:
+        run_id = state.get("extra", {}).get("mlflow_run_id")
+        if not run_id or not tracker.has_run(run_id):  # the store may have been replaced
+            run_id = tracker.find_trial_run(trial.get_trial_id())
+        if run_id:
+            tracker.resume_trial_run(run_id)
+            return run_id
+        return tracker.start_trial_run(trial.get_trial_id(), trial.get_trial_name(), cfg, sample,
+                                       context.teacher_runs.get(cfg.teacher or ""))
+
+    return start
+
+
+def quiet_worker() -> None:
+    """Keep the worker's routine chatter out of the driver's console: Ray's note on every
+    stored checkpoint, and the SystemExit Ray's SIGTERM handler raises when Tune ends a cached
+    worker (Python reports it as "Exception ignored" while the process exits anyway)."""
+    import logging
+    import sys
+
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    default = sys.__unraisablehook__
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+
+
+# Errors that would recur if the trial were run again from its checkpoint: a diverged loss,
+# a model that does not fit in memory, a missing or wrong teacher, a bad config or data.
+DETERMINISTIC = (DivergedError, OutOfMemory, UserError, DataError)
+FAILED = "failed"  # the key of a final result that reports such a failure
 
 
 def run_trial(config: dict[str, Any], context: SearchContext) -> None:
-    """The trainable: build the trial's config, resume from Tune's checkpoint, train."""
-    cfg = context.run_config(config)
+    """The trainable: build the trial's config, resume from Tune's checkpoint, train.
+
+    A deterministic failure ends the trial at once with its reason, as a final result with
+    `failed` (Tune would otherwise restart it from its checkpoint to fail again); any other
+    error (a lost node, a killed worker, a storage hiccup) is raised, and Tune retries it.
+    """
+    quiet_worker()
+    # A trial's local folder (its working checkpoints and model) is removed when it ends:
+    # the model is in MLflow and the checkpoints in Tune's storage. A trial the scheduler
+    # stopped may not get to its own cleanup, so a reused worker clears its predecessor's.
+    for earlier in _LOCAL_FOLDERS:
+        shutil.rmtree(earlier, ignore_errors=True)
+    run_dir = Path.cwd() / "run"  # Tune runs each trial in its own trial directory
+    _LOCAL_FOLDERS[:] = [run_dir]
+    done: dict[str, Any] = {"epoch": 0}
+    try:
+        cfg = context.run_config(config)
+        _run(config, context, cfg, done, run_dir)
+    except DETERMINISTIC as err:
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        _end_failed(context, done.get("run_id"), reason)
+        tune.report({FAILED: reason, "epoch": done["epoch"]})
+        return
+    except Exception as err:
+        _end_failed(context, done.get("run_id"), f"{type(err).__name__}: {err}".splitlines()[0])
+        raise
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+_LOCAL_FOLDERS: list[Path] = []  # this worker process's current trial folder
+
+
+def _end_failed(context: SearchContext, run_id: str | None, reason: str) -> None:
+    """Mark the trial's run FAILED; during a tracking outage the driver's repair does it."""
+    if context.tracker is None:
+        return
+    try:
+        run_id = run_id or context.tracker.find_trial_run(tune.get_context().get_trial_id())
+        if run_id is not None:
+            context.tracker.end_trial_run(run_id, "FAILED", reason=reason)
+    except Exception:  # noqa: BLE001 - the tracking server is down: repaired at the end
+        pass
+
+
+def _run(config: dict[str, Any], context: SearchContext, cfg: RunConfig,
+         done: dict[str, Any], run_dir: Path) -> None:
+    """Train the trial; `done` follows its epochs and its MLflow run id."""
     # The worker may have run an earlier trial (reuse_actors): free what it left behind
     # before this one allocates, so that a reused worker fits what a fresh one fits.
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    run_dir = Path.cwd() / "run"  # Tune runs each trial in its own trial directory
     stored = stored_checkpoints(context)
     mend_bookkeeping(stored)
     resume_from, state = catch_up(run_dir, *restored_checkpoint(run_dir, stored), stored)
-    if state.get("epoch", 0) >= cfg.epochs:
-        return  # it had finished, and its run ended with its artifacts; Tune has its last epoch
-    run_id = trial_run_id(context, cfg, config, state)
-    tracker = context.tracker
-    listeners = [report_to_tune]
-    if run_id is not None:
+    done["epoch"] = state.get("epoch", 0)
+    if done["epoch"] >= cfg.epochs:
+        return  # it had finished, and its run ended with its artifacts
+    listeners = [lambda metrics, _: done.update(epoch=metrics["epoch"]), report_to_tune]
+    extra = {}
+    if context.tracker is not None:
+        use_http_settings(TRIAL_HTTP)
+        recorder = TrialRecorder(context.tracker, cfg, run_dir,
+                                 run_starter(context, cfg, config, state))
+        recorder.flush()  # the run exists from the start, unless the server is down
+        done["run_id"] = recorder.run_id
+        if recorder.run_id:
+            extra["mlflow_run_id"] = recorder.run_id
         # Before Tune's report: a trial the scheduler stops may not return from it.
-        listeners.insert(0, TrialRunLogger(tracker, run_id, cfg, run_dir))
-    extra = {"mlflow_run_id": run_id} if run_id else {}
+        listeners.insert(0, recorder)
+    if cfg.teacher and storage.is_uri(cfg.teacher):
+        # A teacher store behind a URI: train from this node's copy of the teacher; the
+        # run's records keep the store's URI.
+        local = local_teacher_dir(cfg.teacher) / MODEL_NAME
+        cfg = dataclasses.replace(cfg, teacher=str(local))
+    kwargs = dict(listeners=listeners, evaluate_test=context.evaluate_test, quiet=True,
+                  checkpoint_extra=extra, checkpoint_epochs=context.rungs)
     try:
-        try:
-            train(cfg, run_dir, listeners=listeners, resume_from=resume_from,
-                  evaluate_test=context.evaluate_test, quiet=True, checkpoint_extra=extra)
-        except CheckpointError as err:
-            if resume_from is None:
-                raise
-            warnings.warn(f"{err}; starting the trial afresh", stacklevel=2)
-            resume_from.unlink(missing_ok=True)
-            train(cfg, run_dir, listeners=listeners, evaluate_test=context.evaluate_test,
-                  quiet=True, checkpoint_extra=extra)
-    except Exception as err:
-        if run_id is not None:
-            reason = f"{type(err).__name__}: {err}".splitlines()[0]
-            tracker.end_trial_run(run_id, "FAILED", reason=reason)
-        raise
+        train(cfg, run_dir, resume_from=resume_from, **kwargs)
+    except CheckpointError as err:
+        if resume_from is None:
+            raise
+        warnings.warn(f"{err}; starting the trial afresh", stacklevel=2)
+        resume_from.unlink(missing_ok=True)
+        train(cfg, run_dir, **kwargs)
