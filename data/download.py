@@ -165,8 +165,12 @@ def _clean_stale(root: Path, archive: Archive) -> None:
             _remove(p)
 
 
-def _download(url: str, dest: IO[bytes], title: str, quiet: bool) -> tuple[int, str, str]:
+def _download(url: str, dest: IO[bytes], title: str, quiet: bool,
+              announce: str = "") -> tuple[int, str, str]:
     """Stream url into dest; returns (bytes, md5 of all, md5 of the first HEAD_BYTES).
+
+    `announce` is printed once the server answers, so that a failed connection gives the
+    user one line (the error), not a progress line and then the error.
 
     Raises _NetError for anything the network or server did, OSError for local write errors.
     """
@@ -177,6 +181,8 @@ def _download(url: str, dest: IO[bytes], title: str, quiet: bool) -> tuple[int, 
         response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
     except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError is an OSError
         raise _NetError(exc) from exc
+    if announce and not quiet:
+        print(announce, file=sys.stderr)
     with response:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
@@ -306,11 +312,11 @@ def _fetch_locked(
         # -- download -----------------------------------------------------------------------
         fd, name = tempfile.mkstemp(dir=root, prefix=part_prefix, suffix=".part")
         part = Path(name)
-        if not quiet:
-            print(f"downloading {archive.title} from {source} into {root}", file=sys.stderr)
         try:
             with os.fdopen(fd, "wb") as f:
-                size, md5, head_md5 = _download(url, f, archive.title, quiet)
+                size, md5, head_md5 = _download(
+                    url, f, archive.title, quiet,
+                    announce=f"downloading {archive.title} from {source} into {root}")
         except _NetError as exc:
             mirror = (
                 f"check {MIRROR_ENV}={os.environ.get(MIRROR_ENV)}"

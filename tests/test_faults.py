@@ -490,8 +490,11 @@ def test_a_failed_checkpoint_save_keeps_the_last_and_previous_loadable(tmp_path)
     path.write_bytes(data[: len(data) // 2])
     with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
         assert load_checkpoint(path)["epoch"] == 1
-    path.with_name("checkpoint.pt.prev").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="truncated or corrupt"), pytest.warns(UserWarning):
+    # The torn one is set aside, so that the next save cannot rotate it over the good one.
+    assert not path.exists() and path.with_name("checkpoint.pt.damaged").read_bytes() == \
+        data[: len(data) // 2]
+    path.with_name("checkpoint.pt.prev").write_bytes(b"")  # and now the previous one is lost
+    with pytest.raises(CheckpointError, match="checkpoint.pt.prev is truncated or corrupt"):
         load_checkpoint(path)
 
 

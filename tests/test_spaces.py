@@ -1,5 +1,7 @@
 """Search spaces: every bundled file loads and samples valid configs; bad files are named."""
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -92,7 +94,7 @@ def _planned_and_asked(space, epochs=3):
     asked = set()
     for sample in sample_configs(space, n=12):
         cfg = RunConfig(**trial_values(space, sample))
-        asked.add(teacher_path("store", teacher_recipe(cfg, epochs)).parent.name)
+        asked.add(Path(teacher_path("store", teacher_recipe(cfg, epochs))).parent.name)
     return planned, asked
 
 

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         check_address,
         check_count,
         local_search_dir,
+        loopback_only,
         settings_space,
         storage_uri,
         write_settings,
@@ -94,15 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings["replicates"] = args.replicates
     write_settings(folder, settings)
-    return _run(settings, space, chosen, folder, args.address)
+    with loopback_only(args.address):  # Ray is first imported in _run
+        return _run(settings, space, chosen, folder, args.address)
 
 
 def _run(settings, space, chosen, folder: Path, address: str | None) -> int:
-    import ray
 
     from tuning import report
     from tuning.search import storage, tracking
-    from tuning.search.driver import ensure_ray, replicate_phase
+    from tuning.search.driver import ensure_ray, replicate_phase, stop_ray
     from tuning.search.teachers import local_teacher_dir
     from tuning.search.trainable import SearchContext
 
@@ -133,7 +134,7 @@ def _run(settings, space, chosen, folder: Path, address: str | None) -> int:
         if status != "FINISHED":
             tracking.client(tracker.uri).set_terminated(tracker.parent_run_id, status=status)
         if started:
-            ray.shutdown()
+            stop_ray()
 
 
 if __name__ == "__main__":

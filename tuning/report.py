@@ -473,7 +473,7 @@ def _repair(args: argparse.Namespace) -> str:
                         "--storage-path")
     settings = yaml.safe_load((folder / "search.yaml").read_text())
     settings["tracking_uri"] = uri = args.tracking_uri or settings["tracking_uri"]
-    check_reachable(uri, create=False)
+    check_reachable(uri)  # a lost store is made afresh and filled from the checkpoints
     done = repair(settings, folder)
     print(f"repaired {args.name}: {done['trials']} trials; {done['created']} run(s) created, "
           f"{done['epochs_added']} epoch(s) logged from checkpoints")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -421,6 +423,31 @@ def check_trusted(folder: Path, name: str) -> None:
                             "from it, so make it yours alone (chmod go-w) or start afresh")
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_only(address: str | None) -> Iterator[None]:
+    """Within, a Ray this process starts for itself (no --address) serves this machine alone:
+    its node address is 127.0.0.1, and the GCS, raylet and workers listen on the loopback
+    interface only. Ray reads the setting once, when it is first imported, so the commands
+    import Ray inside this block. Joining a cluster (--address) is the user's choice, and
+    the setting is put back afterwards: a `ray start` this process runs later must not
+    inherit it, or it refuses to form a cluster."""
+    if address is not None:
+        yield
+        return
+    before = os.environ.get(LOOPBACK_ENV)
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = before
+
+
 _NAME_LOCK = None  # held by this process while its search runs; the kernel drops it at exit
 
 
@@ -526,6 +553,16 @@ def main(argv: list[str] | None = None) -> int:
         plan_teachers(space, settings["teacher_epochs"])  # a range it cannot plan: one line
         check_reachable(settings["tracking_uri"])
         check_optuna_storage(settings["optuna_storage"])
+        # Every check that writes nothing comes before the name's lock, which creates the
+        # storage folder: a refused search leaves no folder behind.
+        for flag, where in (("--storage-path", settings["storage_path"]),
+                            ("--teacher-store", settings["teacher_store"])):
+            problem = storage.check_writable(where)
+            if problem:
+                raise UserError(f"{flag} {where} is not writable ({problem}); choose a folder "
+                                "(or a bucket) you can write to")
+        if not args.resume:
+            check_space_free(space, settings, args.force)
         hold_name(folder, settings["name"])  # from here on, this driver's alone
         exists = (folder / SETTINGS_FILE).exists() or (
             storage.is_uri(settings["storage_path"]) and storage.exists(
@@ -536,17 +573,12 @@ def main(argv: list[str] | None = None) -> int:
                             "a new --name")
         if not args.resume:
             check_name_free(settings)
-            check_space_free(space, settings, args.force)
-        for flag, where in (("--storage-path", settings["storage_path"]),
-                            ("--teacher-store", settings["teacher_store"])):
-            problem = storage.check_writable(where)
-            if problem:
-                raise UserError(f"{flag} {where} is not writable ({problem}); choose a folder "
-                                "(or a bucket) you can write to")
-        from tuning.search.driver import run_search  # imports Ray only once the input is known good
+        with loopback_only(args.address):
+            # Ray is imported only once the input is known good.
+            from tuning.search.driver import run_search
 
-        return run_search(settings, space, address=args.address, resume=args.resume,
-                          folder=folder)
+            return run_search(settings, space, address=args.address, resume=args.resume,
+                              folder=folder)
     except (UserError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -46,19 +46,21 @@ REDUCTION_FACTOR = 2  # successive halving keeps the top half of a cell at each 
 
 
 def ensure_ray(address: str | None) -> bool:
-    """Start or join Ray unless this process already did; True when we started it."""
+    """Start or join Ray unless this process already did; True when we started it (stop it
+    with stop_ray). A Ray started here listens on the loopback interface only when Ray was
+    first imported under `tuning.search.cli.loopback_only`, as the commands do."""
     if ray.is_initialized():
         return False
     # Every epoch is a checkpoint; Tune's warning about frequent snapshots is expected here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if address is None:
-        # A Ray this search starts for itself serves this machine alone: with this setting
-        # Ray takes 127.0.0.1 as the node's address, and its GCS, raylet and workers listen
-        # on the loopback interface only. Joining a cluster (--address) is the user's choice.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address=address, include_dashboard=False, log_to_driver=True,
              configure_logging=True, logging_level="warning")
     return True
+
+
+def stop_ray() -> None:
+    """Shut down the Ray that ensure_ray started."""
+    ray.shutdown()
 
 
 class TrialRunStatus(tune.Callback):
@@ -283,9 +285,15 @@ def mark_interrupted(tracker: tracking.Tracker, trial_ids: list[str]) -> None:
     try:
         c = tracking.client(tracker.uri)
         c.set_tag(tracker.parent_run_id, "state", "interrupted")
-        for trial_id in trial_ids:
-            run_id = tracker.find_trial_run(trial_id)
-            if run_id is not None and c.get_run(run_id).info.status == "RUNNING":
+        run_ids = {tracker.find_trial_run(t) for t in trial_ids}
+        # Also any other run of the search still RUNNING: a trial Tune stopped on its way
+        # out can look ended to Tune while its worker never closed its run.
+        exp = c.get_run(tracker.parent_run_id).info.experiment_id
+        run_ids |= {r.info.run_id for r in c.search_runs(
+            [exp], filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}' "
+                                 "and attributes.status = 'RUNNING'", max_results=10000)}
+        for run_id in run_ids - {None}:
+            if c.get_run(run_id).info.status == "RUNNING":
                 tracker.end_trial_run(run_id, "KILLED", reason=reason)
     except Exception:  # noqa: BLE001 - an interrupted search must still exit at once
         pass
@@ -296,6 +304,15 @@ def interrupted(grid) -> list[str]:
     Tune saved its state and returned instead of raising."""
     trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
     return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]  # Ray's
+
+
+def short_cells(book: StudyBook, cells: list[Cell], budget: int) -> list[str]:
+    """Cells without their whole budget of ended trials. Tune returns from an interrupted run
+    (Ctrl-C) as from a finished one, and a trial it stopped on the way out can look ended:
+    only the studies know whether every cell got its budget."""
+    return [c.key for c in cells
+            if sum(t.state != optuna.trial.TrialState.RUNNING for t in book.counted(c))
+            < budget]
 
 
 def measure_tests(book: StudyBook, cells: list[Cell], chosen: dict[str, dict[str, Any]],
@@ -394,7 +411,7 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
         check_resources(settings)
     except UserError:
         if started:
-            ray.shutdown()
+            stop_ray()
         raise
     commit = tracking.git_commit()
     tracker = tracking.start_parent(settings["tracking_uri"], settings, commit)
@@ -455,9 +472,11 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
             )
         grid = tuner.fit()
         unfinished = interrupted(grid)
-        if unfinished:
+        if unfinished or short_cells(book, cells, budget):
             mark_interrupted(tracker, unfinished)
-            print(f"\nthe search was interrupted with {len(unfinished)} trial(s) unfinished; "
+            what = (f"with {len(unfinished)} trial(s) unfinished" if unfinished
+                    else "before every cell had its trials")
+            print(f"\nthe search was interrupted {what}; "
                   "nothing was chosen or tested. Continue it with:\n  python -m tuning.search "
                   f"--resume --name {settings['name']} --storage-path "
                   f"{settings['storage_path']}", flush=True)
@@ -542,4 +561,4 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
             except Exception:  # noqa: BLE001 - nothing more can be recorded
                 pass
         if started:
-            ray.shutdown()
+            stop_ray()

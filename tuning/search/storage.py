@@ -101,9 +101,17 @@ def check_writable(location: str) -> str | None:
             fs, path = _fs(probe)
             fs.delete_file(path)
         else:
-            Path(location).mkdir(parents=True, exist_ok=True)
-            Path(probe).touch()
-            Path(probe).unlink()
+            # Creates nothing: a refused search must leave no folder behind. The nearest
+            # existing folder must take a new entry (the missing ones are made later).
+            target = Path(location).absolute()
+            existing = next(p for p in (target, *target.parents) if p.exists())
+            if not existing.is_dir():
+                return f"{existing} is a file, not a folder"
+            if existing == target:
+                Path(probe).touch()
+                Path(probe).unlink()
+            elif not os.access(existing, os.W_OK | os.X_OK):
+                return f"{existing} cannot be written to (permission denied)"
     except Exception as err:  # noqa: BLE001 - any failure means "not writable"
         return str(err).splitlines()[0][:160] if str(err) else type(err).__name__
     return None
