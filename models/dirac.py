@@ -38,13 +38,14 @@ class DiracConv2d(nn.Conv2d):
 
 
 def _plain_conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    # Made in the weight's dtype: a float32 module would round a float64 weight on copy.
     new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                    bias=bias is not None)
+                    bias=bias is not None, device=weight.device, dtype=weight.dtype)
     new.weight.data.copy_(weight)
     if bias is not None:
         new.bias.data.copy_(bias)
-    return new.to(device=weight.device, dtype=weight.dtype)
+    return new
 
 
 def fold_dirac(net: nn.Module) -> nn.Module:
@@ -62,8 +63,14 @@ def fold_dirac(net: nn.Module) -> nn.Module:
 
 
 def fold_batchnorm(net: nn.Module) -> nn.Module:
-    """Return an eval-mode copy with each conv->BatchNorm pair merged into one biased conv."""
-    net = fold_dirac(net).eval()
+    """Return an eval-mode copy with each conv->BatchNorm pair merged into one biased conv.
+
+    Dirac convs and RepVGG branches (models.repvgg.RepConv) are folded first, so the copy
+    is plain convs, with biases, and their activations.
+    """
+    from models.repvgg import fold_repvgg  # not at the top: models.repvgg imports this module
+
+    net = fold_repvgg(fold_dirac(net)).eval()
     for parent in list(net.modules()):
         names = list(parent._modules)
         for i, name in enumerate(names[:-1]):

@@ -224,6 +224,90 @@ def test_inference_flag_hands_over(monkeypatch):
     assert bench.main(["--inference", "--quick"]) == 0 and seen == [["--quick"]]
 
 
+def _inference(argv: list[str], tmp_path: Path) -> dict:
+    out = tmp_path / "inference.json"
+    assert bench.main(["--inference", "--quick", "--threads", "1", "--out", str(out),
+                       *argv]) == 0
+    return json.loads(out.read_text())
+
+
+def test_quick_inference_benchmark_times_every_network_runtime_and_batch(tmp_path, capsys):
+    from tuning.inference import NETWORKS, RUNTIMES
+
+    table = tmp_path / "inference.md"
+    report = _inference(["--device", "cpu", "--markdown", str(table)], tmp_path)
+    assert report["format"] == "plainkd-inference/2" and report["created"]
+    device = report["device"]
+    assert device["type"] == "cpu" and device["name"] == device["processor"] != ""
+    assert device["threads"] == 1 and report["settings"]["threads"] == 1
+    assert report["runtimes"]["onnxruntime"]["session_options"] == {
+        "intra_op_num_threads": 1, "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL",
+        "graph_optimization_level": "ORT_ENABLE_ALL"}
+    rows = report["results"]
+    cells = {(r["network"], r["runtime"], r["batch_size"]): r for r in rows}
+    assert len(rows) == len(cells) == len(NETWORKS) * len(RUNTIMES) * 2
+    assert set(cells) == {(n, rt, b) for n in NETWORKS for rt in RUNTIMES for b in (1, 2)}
+    for (network, runtime, batch), r in cells.items():
+        assert (r["depth"], r["image_size"], r["width"]) == (18, 32, 8)
+        assert r["runs"] == 3 and 0 < r["min_ms"] <= r["p25_ms"] <= r["median_ms"]
+        assert r["median_ms"] <= r["p75_ms"] <= r["p90_ms"]
+        assert r["iqr_ms"] == pytest.approx(r["p75_ms"] - r["p25_ms"])
+        resnet_ms = cells[("resnet", runtime, batch)]["median_ms"]
+        assert r["ratio"] == pytest.approx(resnet_ms / r["median_ms"])
+        assert 0 < r["ratio_p25"] <= r["ratio_p75"]
+        # ONNX Runtime's and TorchScript's outputs are eager PyTorch's, to rounding.
+        assert r["check"]["ok"] and r["check"]["max_rel_diff"] <= 1e-4, (network, runtime, r)
+        # Liveness: a ResNet block keeps 3 maps alive, a plain one 2.
+        assert r["memory_ratio"] == pytest.approx(1.0 if network == "resnet" else 1.5)
+    params = {n: {r["params"] for r in rows if r["network"] == n} for n in NETWORKS}
+    assert all(len(p) == 1 for p in params.values())
+    params = {n: p.pop() for n, p in params.items()}
+    # Folded, every Plain-CNN is the same stack of biased 3x3 convs; the ResNet adds its three
+    # projection shortcuts (a biased 1x1 conv from c to 2c channels each).
+    assert params["plain"] == params["plain-dirac"] == params["plain-repvgg"]
+    assert params["resnet"] - params["plain"] == sum(c * 2 * c + 2 * c for c in (8, 16, 32))
+    nets = {n["network"]: n for n in report["networks"]}
+    assert set(nets) == set(NETWORKS)
+    for name, n in nets.items():
+        # Folding leaves no BatchNorm, Dirac or RepVGG branch, and changes no output.
+        assert n["unfolded_layers"] == 0 and n["fold_check"]["ok"], n
+        assert n["params"] == params[name] < n["train_params"]
+        assert [m["batch_size"] for m in n["memory"]] == [1, 2]
+        assert all(set(m["part_peak_bytes"]) == {"stem", "layer1", "layer2", "layer3", "layer4",
+                                                 "head"} for m in n["memory"])
+    assert nets["plain-repvgg"]["train_params"] > nets["plain"]["train_params"]
+    printed = capsys.readouterr().out
+    md = table.read_text()
+    assert md in printed
+    lines = md.splitlines()
+    assert lines[2] == ("| network | px | batch | params (M) | peak act. (MiB) | ONNX Runtime "
+                        "| TorchScript | eager |")
+    body = [line for line in lines[4:] if line.startswith("| ")]
+    assert len(body) == len(NETWORKS) * 2 and body[1].startswith("| Plain-18 | 32 | 1 |")
+    assert all(line.count(" | ") == 7 and line.count("x") >= 4 for line in body)
+
+
+def test_inference_benchmark_without_onnxruntime_says_so(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as where it is not installed
+    report = _inference(["--device", "cpu", "--runtimes", "onnxruntime", "eager"], tmp_path)
+    assert "not installed" in report["runtimes"]["onnxruntime"]["skipped"]
+    assert {r["runtime"] for r in report["results"]} == {"eager"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quick_inference_benchmark_on_cuda(tmp_path):
+    report = _inference(["--device", "cuda"], tmp_path)
+    ort = report["runtimes"]["onnxruntime"]
+    runtimes = {r["runtime"] for r in report["results"]}
+    assert runtimes == ({"torchscript", "eager"} | ({"onnxruntime"} if "provider" in ort else
+                                                   set()))
+    assert "provider" in ort or "CUDAExecutionProvider" in ort["skipped"]
+    for r in report["results"]:
+        assert r["check"]["ok"] and r["median_ms"] > 0 and r["ratio"] > 0, r
+    for n in report["networks"]:
+        assert all(m["measured_peak_activation_bytes"] > 0 for m in n["memory"])
+
+
 def test_r_counts_the_hybrid_paths_that_jointrd_runs():
     # r from the stage split, against the MACs of the naive hybrid forward actually run.
     teacher = freeze(resnet(18, shortcut="all", width=8))

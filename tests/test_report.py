@@ -77,6 +77,36 @@ def test_tables_pool_each_chosen_trial_with_its_replicates():
     assert report.csv_text(rows).splitlines()[0].startswith("dataset,student,alignkd_mean")
 
 
+def test_a_search_across_methods_and_blocks_compares_each_with_alignkd():
+    def variant(run_id, method, block, acc, **kw):
+        r = run(run_id, method, acc, **kw)
+        r["cell"] = f"method={method},block={block},depth=18"
+        r["method"] = report.method_label(method, r["cell"])
+        return r
+
+    runs = [variant("a", "alignkd", "plain", 0.90, chosen=True),
+            variant("a1", "alignkd", "plain", 0.92, of="a", role="replicate"),
+            variant("r", "ce", "repvgg", 0.80, chosen=True),
+            variant("r1", "ce", "repvgg", 0.81, of="r", role="replicate"),
+            variant("k", "kd", "plain", 0.88, chosen=True),
+            variant("ra", "alignkd", "repvgg", 0.89, chosen=True)]
+    assert runs[2]["method"] == "repvgg+ce" and runs[0]["method"] == "alignkd"
+    (row,) = report.tables(runs, {"T": 0.95})  # blocks share one row: same data set, depth
+    assert row["student"] == "Plain-18"
+    expected = welch([0.80, 0.81], [0.90, 0.92])
+    assert row["repvgg+ce_vs_alignkd"] == pytest.approx(-0.105)
+    assert row["repvgg+ce_vs_alignkd_low"] == pytest.approx(expected.low)
+    assert row["repvgg+ce_vs_alignkd_verdict"] == "AlignKD better" == verdict(
+        expected, "RepVGG", "AlignKD")
+    assert row["kd_vs_alignkd_verdict"] == "n<2"
+    md = report.methods_markdown([row])
+    lines = md.splitlines()
+    assert len(lines) == 2 + 4
+    assert "| cifar10 | Plain-18 | AlignKD | 91.00 ± 1.41 (n=2) | (baseline) |" in md
+    assert f"| RepVGG | 80.50 ± 0.71 (n=2) | -10.50 [{100 * expected.low:+.2f}, " in md
+    assert "| RepVGG+AlignKD | 89.00 (n=1) | -2.00 | n<2 |" in md
+
+
 def test_pareto_front_of_points():
     assert report.pareto_front([(1, 0.5), (2, 0.4), (3, 0.7), (4, 0.6)]) == [(1, 0.5),
                                                                           (3, 0.7)]

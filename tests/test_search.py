@@ -100,6 +100,57 @@ def test_smoke_search_runs_two_cells_each_with_its_chosen_and_tested_trial(ray_s
     assert len(teachers) == 2 and not any(t.name.endswith(".partial") for t in teachers)
 
 
+def test_methods_search_runs_every_way_to_a_plain_network_in_cells_of_its_own(ray_session,
+                                                                              root):
+    """The `methods` space end to end: six cells (AlignKD, JointRD, the released JointRD, KD,
+    RepVGG alone, RepVGG+AlignKD), each with its chosen trial tested once and replicated, and
+    the report comparing each with AlignKD."""
+    import torch
+
+    from models import RepConv
+    from tuning.trainer import load_model
+
+    code = main(search_args(root, "methods", "--num-samples", "1", "--epochs", "1",
+                            space="methods", replicates=1))
+    assert code == 0
+    cells = rows(root, "methods", "cells.csv")
+    assert sorted(c["cell"] for c in cells) == sorted(
+        f"method={m},block={b}" for m, b in [
+            ("alignkd", "plain"), ("alignkd", "repvgg"), ("ce", "repvgg"), ("jointrd", "plain"),
+            ("jointrd_released", "plain"), ("kd", "plain")])
+    assert all(0 < float(c["test_acc"]) <= 1 for c in cells)
+    again = rows(root, "methods", "replicates.csv")
+    assert len(again) == 6 and {r["status"] for r in again} == {"COMPLETED"}
+    for cell in cells:
+        cfg = RunConfig.from_yaml(cell["config"])
+        assert cell["cell"] == f"method={cfg.method},block={cfg.block}"
+        assert (cfg.teacher is None) == (cfg.method == "ce")
+        if cfg.method == "kd":  # the CIFAR recipe's defaults, as the run used them
+            assert (cfg.resolved("alpha"), cfg.resolved("temperature")) == (0.9, 4.0)
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri(root))
+    exp = mlflow.get_experiment_by_name("methods")
+    runs = [r for r in mlflow.search_runs([exp.experiment_id]) if r.data.tags.get("cell")]
+    released = [r for r in runs if r.data.params.get("method") == "jointrd_released"]
+    assert released and all("dis_weight" in r.data.params and "alpha" not in r.data.params
+                            for r in released)
+    assert all(" · RV18" in r.info.run_name for r in runs if "block=repvgg" in
+               r.data.tags["cell"])
+    # A RepVGG student's logged model trains with branches, and loads as one.
+    chosen = next(r for r in runs if "block=repvgg" in r.data.tags["cell"]
+                  and r.data.tags.get("chosen") == "true")
+    path = mlflow.download_artifacts(chosen.info.run_id, "model.pt", str(root / "dl"))
+    model, _ = load_model(path)
+    assert any(isinstance(m, RepConv) for m in model.modules())
+    assert torch.isfinite(model(torch.zeros(1, 3, 32, 32))).all()
+    table = (root / "ray" / "methods" / "report" / "tables.md").read_text()
+    for name in ("AlignKD", "JointRD", "JointRD (released)", "KD", "RepVGG",
+                 "RepVGG+AlignKD"):
+        assert f"| digits | Plain-18 | {name} | " in table
+    assert "| (baseline) |" in table and table.count("(n=2)") == 6
+
+
 def test_optuna_dashboard_shows_each_cells_study(root):
     """The README's optuna-dashboard command, served on 127.0.0.1 and read over its REST API."""
     import json

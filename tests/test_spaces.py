@@ -61,6 +61,59 @@ def test_compare_runs_each_method_in_cells_of_its_own():
     assert "method" not in {p.name for p in space.params}
 
 
+EXCLUDING = """\
+across:
+  method: [alignkd, kd, ce]
+  dataset: [cifar10, cifar100]
+exclude:
+  - {method: ce, dataset: cifar100}
+  - {method: [kd, ce], dataset: cifar10}
+params:
+  lr: {type: float, low: 0.01, high: 0.1}
+"""
+
+
+def test_exclude_leaves_out_exactly_the_matching_cells():
+    space = parse_space(EXCLUDING, source="x.yaml", name="x")
+    # 3 x 2 combinations; ce on cifar100, kd and ce on cifar10 are left out.
+    assert [c.key for c in space.cells()] == [
+        "method=alignkd,dataset=cifar10", "method=alignkd,dataset=cifar100",
+        "method=kd,dataset=cifar100"]
+
+
+def test_exclude_follows_dimensions_fixed_with_set():
+    space = parse_space(EXCLUDING, source="x.yaml", name="x")
+    assert [c.key for c in space.with_fixed({"dataset": "cifar100"}).cells()] == [
+        "method=alignkd", "method=kd"]
+    assert [c.key for c in space.with_fixed({"method": "kd"}).cells()] == ["dataset=cifar100"]
+    assert [c.key for c in space.with_fixed({"method": "alignkd"}).cells()] == [
+        "dataset=cifar10", "dataset=cifar100"]
+    with pytest.raises(SpaceError, match="with --set method=ce, dataset=cifar10 every cell is "
+                                         "excluded"):
+        space.with_fixed({"method": "ce", "dataset": "cifar10"})
+
+
+def test_methods_space_runs_each_way_to_a_plain_network_in_its_own_cell():
+    space = load_space("methods")
+    got = {(c.as_dict()["method"], c.as_dict()["block"]) for c in space.cells()}
+    assert got == {("alignkd", "plain"), ("jointrd", "plain"), ("jointrd_released", "plain"),
+                   ("kd", "plain"), ("ce", "repvgg"), ("alignkd", "repvgg")}
+    configs = sample_configs(space, n=8)
+    for sample in configs:
+        cfg = RunConfig(**trial_values(space.with_fixed({"epochs": 100, "teacher": "t.pt"}),
+                                       sample))
+        assert cfg.shortcut == "none" and cfg.eta_end <= cfg.eta_start
+        searched = set(sample) - {"method", "block", "dataset", "depth"}
+        # Each method samples only what it uses.
+        uses = {"alignkd": {"alpha", "temperature", "eta_kind", "eta_start", "eta_end",
+                            "eta_span"},
+                "jointrd": {"lam", "eta_kind", "eta_start", "eta_end", "eta_span"},
+                "jointrd_released": {"dis_weight", "eta_kind", "eta_start", "eta_end",
+                                     "eta_span"},
+                "kd": {"alpha", "temperature"}, "ce": set()}[cfg.method]
+        assert searched == uses | {"lr", "weight_decay"}, (cfg.method, searched)
+
+
 def test_alignkd_samples_every_feature_loss_and_cross_depth_pairs():
     samples = sample_configs(load_space("alignkd"), n=40)
     assert {s["feature_loss"] for s in samples} == {"mse", "at", "nst"}
@@ -224,6 +277,13 @@ GOOD = "fixed: {method: alignkd}\nparams:\n  alpha: {type: float, low: 0.0, high
      "  lam: {type: float, low: 0.001, high: 0.1, when: {method: dino}}\n",
      "when.method: 'dino' is not one of"),
     ("params:\n  eta_span: {type: float, low: 0.1, high: 1.5}\n", "fraction in [0, 1]"),
+    ("across: {depth: [18, 34]}\nexclude: {depth: 18}\n", "exclude: must be a list"),
+    ("across: {depth: [18, 34]}\nexclude: [{}]\n", "exclude: must be a list of non-empty"),
+    ("across: {depth: [18, 34]}\nexclude: [{dataset: digits}]\n",
+     "exclude[0].dataset: must name an across-dimension (depth)"),
+    ("across: {depth: [18, 34]}\nexclude: [{depth: 50}]\n", "exclude[0].depth: 50 is not one"),
+    ("across: {depth: [18, 34]}\nexclude: [{depth: [18, 34]}]\n",
+     "exclude: excludes every cell"),
 ])
 def test_malformed_space_errors_name_file_key_and_rule(text, match):
     with pytest.raises(SpaceError, match="my.yaml: ") as err:
@@ -239,3 +299,16 @@ def test_a_user_space_file_loads_by_path(tmp_path):
         load_space("nope")
     with pytest.raises(SpaceError, match="does not exist"):
         load_space(str(tmp_path / "missing.yaml"))
+
+
+def test_teacher_keys_stay_those_of_teachers_already_stored():
+    """A teacher store outlives versions of the code: a key written before the student's
+    block and the per-method defaults existed still names the same teacher, whatever student
+    asks for it."""
+    from tuning.search.teachers import teacher_recipe
+
+    stored = "digits-resnet18-w8-s0-c301b85ac2"  # written by the previous release
+    for student in ({}, {"block": "repvgg"}, {"method": "kd", "alpha": 0.9},
+                    {"method": "jointrd_released", "dis_weight": 0.01}):
+        cfg = RunConfig(dataset="digits", width=8, batch_size=64, **student)
+        assert teacher_recipe(cfg, 4).key == stored

@@ -273,7 +273,8 @@ def test_resnet34_teacher_distils_into_a_plain18_student(tmp_path, teacher34, me
     assert math.isfinite(final["train_loss"])
     _, meta = load_model(tmp_path / "model.pt")
     assert meta["arch"] == {"depth": 18, "shortcut": shortcut, "stem": "cifar",
-                            "num_classes": 10, "width": 4, "dirac": dirac}
+                            "num_classes": 10, "width": 4, "dirac": dirac,
+                            "block": "dirac" if dirac else "plain"}
 
 
 def test_teacher_depth_must_match_the_teacher(tmp_path, teacher34):

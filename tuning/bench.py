@@ -24,7 +24,7 @@ import torch
 
 from data import DeviceLoader
 from data.bundle import AUGMENT_BY_STEM, NORMALIZATION
-from losses import OBJECTIVES
+from losses import OBJECTIVES, OWN_MODULES
 from models import freeze, resnet
 from tuning.checkpoint import atomic_write_text, check_output_file
 from tuning.config import METHODS, RunConfig, UserError
@@ -135,12 +135,18 @@ def time_train(method: str, depth: int, loader: DeviceLoader, args: argparse.Nam
             student = student.to(memory_format=torch.channels_last)
             if teacher is not None:
                 teacher = teacher.to(memory_format=torch.channels_last)
-        optimizer, scheduler = make_optimizer(student, cfg, warmup + args.steps, device)
+        # What the objective trains besides the student (jointrd_released's connectors).
+        own = OWN_MODULES[method](student, teacher) if method in OWN_MODULES else None
+        if own is not None and device.type == "cuda":
+            own = own.to(memory_format=torch.channels_last)
+        optimizer, scheduler = make_optimizer(student, cfg, warmup + args.steps, device,
+                                              connectors=own)
         objective = OBJECTIVES[method]
         if compile_mode is not None:
             torch._dynamo.reset()  # each configuration compiles afresh, within recompile limits
             objective = torch.compile(objective, mode=compile_mode)
-        step = make_train_step(objective, student, teacher, optimizer, scheduler, device)
+        step = make_train_step(objective, student, teacher, optimizer, scheduler, device,
+                               connectors=own)
         hp = objective_kwargs(cfg, 0)
         it = batches(loader)
         ms, (total, _, _) = timed(lambda: step(*next(it), hp), warmup, args.steps, device)

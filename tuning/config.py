@@ -13,9 +13,18 @@ from typing import Any
 
 from data import DATASETS
 from losses import ETA_KINDS, FEATURE_LOSSES, EtaSchedule
-from models import BLOCKS, SHORTCUTS
+from models import BLOCK_TYPES, BLOCKS, SHORTCUTS
 
-METHODS = ("ce", "kd", "alignkd", "jointrd")
+METHODS = ("ce", "kd", "alignkd", "jointrd", "jointrd_released")
+# alpha and temperature are shared by the methods that take them; left None (the default),
+# each takes its method's value from this table.
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {
+    # Hinton KD as CIFAR distillation benchmarks run it: tau = 4 and 0.9 on the KL term (the
+    # CRD benchmark, Tian et al. 2020; also the released JointRD code's KD defaults).
+    "kd": {"alpha": 0.9, "temperature": 4.0},
+    # The paper's alpha; the paper writes no temperature, so tau = 1 (METHOD.md).
+    "alignkd": {"alpha": 0.5, "temperature": 1.0},
+}
 PATH_DATASETS = ("npz", "imagewoof")  # the data sets that read data_path
 # A number as text: YAML reads 1e-3 (no dot) as a string, so a float field converts it.
 FLOAT_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
@@ -44,7 +53,11 @@ class RunConfig:
     teacher_depth: int | None = None  # None: the teacher checkpoint's depth
     width: int = 64
     shortcut: str = "none"  # the trained network's shortcuts; "all" trains a ResNet teacher
-    dirac: bool = False
+    # The blocks' convs: plain, dirac (a*delta + b*W) or repvgg (3x3 + 1x1 + identity
+    # branches, folded into one 3x3 conv at export; needs shortcut none). None: dirac where
+    # `dirac` is true, else plain. Validation sets both: block, and dirac = (block == dirac).
+    block: str | None = None
+    dirac: bool | None = None  # the older spelling of block: dirac; None follows block
     teacher: str | None = None  # path of a trained teacher (model.pt)
     epochs: int = 200
     batch_size: int = 128
@@ -58,9 +71,13 @@ class RunConfig:
     base_momentum: float = 0.85
     nesterov: bool = True
     weight_decay: float = 5e-4
-    alpha: float = 0.5
-    temperature: float = 1.0
+    alpha: float | None = None  # None: the method's default (METHOD_DEFAULTS)
+    temperature: float | None = None  # None: the method's default (METHOD_DEFAULTS)
     lam: float = 0.001
+    # jointrd_released's weight on its OFD feature terms: 1e-3 is the released training
+    # script's default and OFD's weight for 32x32 images (its code gives 1e-4 for 224x224);
+    # the released CIFAR launch script passes 0, which switches the feature terms off.
+    dis_weight: float = 1e-3
     eta_kind: str = "cosine"
     eta_start: float = 1.0
     eta_end: float = 0.5
@@ -88,6 +105,7 @@ class RunConfig:
         if self.teacher_depth is not None:
             _choice("teacher_depth", self.teacher_depth, tuple(BLOCKS))
         _choice("shortcut", self.shortcut, SHORTCUTS)
+        self._resolve_block()
         _choice("eta_kind", self.eta_kind, ETA_KINDS)
         _choice("feature_loss", self.feature_loss, FEATURE_LOSSES)
         _choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
@@ -109,9 +127,12 @@ class RunConfig:
                               f"({self.momentum}); with cycle_momentum the momentum dips to "
                               "base_momentum at the lr peak, so keep base_momentum <= momentum")
         _number("weight_decay", self.weight_decay, 0.0)
-        _number("alpha", self.alpha, 0.0, 1.0)
-        _number("temperature", self.temperature, 0.0, low_open=True)
+        if self.alpha is not None:
+            _number("alpha", self.alpha, 0.0, 1.0)
+        if self.temperature is not None:
+            _number("temperature", self.temperature, 0.0, low_open=True)
         _number("lam", self.lam, 0.0)
+        _number("dis_weight", self.dis_weight, 0.0)
         _number("eta_start", self.eta_start, 0.0)
         _number("eta_end", self.eta_end, 0.0)
         _number("checkpoint_interval_s", self.checkpoint_interval_s, 0.0)
@@ -121,11 +142,32 @@ class RunConfig:
             raise ConfigError("dataset npz needs data_path: pass --data-path FILE.npz "
                               "(arrays 'images' uint8 NxHxWx3 and 'labels')")
 
+    def _resolve_block(self) -> None:
+        """Set block from dirac where it is None, refuse the two disagreeing, then set dirac."""
+        if self.block is None:
+            self.block = "dirac" if self.dirac else "plain"
+        _choice("block", self.block, BLOCK_TYPES)
+        if self.dirac is not None and self.dirac != (self.block == "dirac"):
+            raise ConfigError(f"dirac: {str(self.dirac).lower()} contradicts block: "
+                              f"{self.block} (dirac: true is the older spelling of block: "
+                              "dirac); drop dirac and keep block, or make them agree")
+        self.dirac = self.block == "dirac"
+        if self.block == "repvgg" and self.shortcut != "none":
+            raise ConfigError(f"block repvgg has no shortcuts but shortcut is "
+                              f"{self.shortcut}; pass shortcut none with block repvgg (or "
+                              "another block)")
+
     def data_options(self) -> dict[str, Any]:
         """The data set's own options: data_path reaches only the sets that read one, so a
         search across digits and npz can fix one data_path for all its trials."""
         return {"path": self.data_path} if self.data_path and self.dataset in PATH_DATASETS \
             else {}
+
+    def resolved(self, name: str) -> Any:
+        """The value a run uses for `name`: its own, or where it is None, its method's default
+        (METHOD_DEFAULTS; None for a method that does not take it)."""
+        value = getattr(self, name)
+        return METHOD_DEFAULTS.get(self.method, {}).get(name) if value is None else value
 
     @property
     def eta_schedule(self) -> EtaSchedule:

@@ -2,6 +2,9 @@
 
     python -m tuning.export RUN_OR_MODEL [--out DIR] [--formats torchscript onnx]
 
+BatchNorm, Dirac convs and RepVGG branches are folded first, so the exported network is
+plain convs (with biases), ReLUs, pooling and the fc layer.
+
 Exit codes: 0 exported, 1 an export's outputs differ from the trained network's, 2 bad input.
 """
 
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import DiracConv2d, fold_batchnorm
+from models import DiracConv2d, RepConv, fold_batchnorm
 from tuning.checkpoint import (
     CheckpointError,
     atomic_write_bytes,
@@ -151,10 +154,12 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
 
 
 def count_layers(net: nn.Module) -> dict[str, int]:
-    """How many BatchNorms, Dirac convs and convs the network has."""
+    """How many BatchNorms, Dirac convs, RepVGG convs (each of 2-3 branches) and convs the
+    network has."""
     mods = list(net.modules())
     return {"batchnorm": sum(isinstance(m, nn.BatchNorm2d) for m in mods),
             "dirac": sum(isinstance(m, DiracConv2d) for m in mods),
+            "repconv": sum(isinstance(m, RepConv) for m in mods),
             "conv": sum(isinstance(m, nn.Conv2d) for m in mods)}
 
 
@@ -210,7 +215,8 @@ def export(arg: str, out: Path | None, formats: list[str], batch_size: int,
     before = count_layers(net)
     folded = fold_batchnorm(net).eval()
     after = count_layers(folded)
-    if after["batchnorm"] or after["dirac"]:  # fold_batchnorm must leave neither behind
+    # fold_batchnorm folds the RepVGG branches and the Dirac convs too: none may be left.
+    if after["batchnorm"] or after["dirac"] or after["repconv"]:
         raise RuntimeError(f"folding left {after} in the network")
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, size, size)
@@ -259,7 +265,8 @@ def export(arg: str, out: Path | None, formats: list[str], batch_size: int,
         "output": {"name": "logits", "shape": ["batch", arch["num_classes"]]},
         "files": {name: FORMATS[name] for name in files},
         "layers_before": before, "layers_after": after,
-        "folded": {"batchnorm": before["batchnorm"], "dirac": before["dirac"]},
+        "folded": {"batchnorm": before["batchnorm"], "dirac": before["dirac"],
+                   "repconv": before["repconv"]},
         "check": {"batch_sizes": [batch_size, batch_size + 1], "seed": 0, **checks},
         "torch": torch.__version__,
     }

@@ -25,9 +25,17 @@ from tuning.config import UserError
 from tuning.search.tracking import check_reachable, client, default_tracking_uri
 from tuning.stats import Summary, verdict, welch
 
-METHOD_ORDER = ("alignkd", "jointrd", "kd", "ce")
-METHOD_NAMES = {"alignkd": "AlignKD", "jointrd": "JointRD", "kd": "KD", "ce": "CE"}
-COLOURS = {"alignkd": "#1f77b4", "jointrd": "#d62728", "kd": "#2ca02c", "ce": "#7f7f7f"}
+# A table's "method" is the objective, prefixed by the student's block where a search runs
+# across blocks (`repvgg+alignkd`: a RepVGG student distilled by AlignKD).
+METHOD_ORDER = ("alignkd", "jointrd", "jointrd_released", "kd", "ce", "repvgg+alignkd",
+                "repvgg+ce", "dirac+jointrd")
+METHOD_NAMES = {"alignkd": "AlignKD", "jointrd": "JointRD", "jointrd_released":
+                "JointRD (released)", "kd": "KD", "ce": "CE", "repvgg+alignkd": "RepVGG+AlignKD",
+                "repvgg+ce": "RepVGG", "dirac+jointrd": "Dirac+JointRD"}
+COLOURS = {"alignkd": "#1f77b4", "jointrd": "#d62728", "jointrd_released": "#ff7f0e",
+           "kd": "#2ca02c", "ce": "#7f7f7f", "repvgg+alignkd": "#9467bd", "repvgg+ce": "#8c564b",
+           "dirac+jointrd": "#e377c2"}
+BASELINE = "alignkd"  # with more than two methods, each is compared with this one
 DPI = 150
 
 
@@ -63,7 +71,8 @@ def search_runs(uri: str, exp, parent) -> list[dict[str, Any]]:
             continue  # killed before its params were logged: nothing to compare
         epochs = int(m.get("train/epoch", 0))
         out.append({
-            "run_id": r.info.run_id, "status": r.info.status, "method": p["method"],
+            "run_id": r.info.run_id, "status": r.info.status,
+            "method": method_label(p["method"], t.get("cell", "")),
             "dataset": p["dataset"], "depth": int(p.get("depth", 0)),
             "cell": t.get("cell", ""), "role": t.get("role", "trial"),
             "chosen": t.get("chosen") == "true", "replicate_of": t.get("replicate_of", ""),
@@ -82,10 +91,17 @@ def _cell_values(cell: str) -> list[tuple[str, str]]:
     return [tuple(kv.split("=", 1)) for kv in cell.split(",") if "=" in kv]
 
 
+def method_label(method: str, cell: str) -> str:
+    """The objective, prefixed by the student's block where the search runs across blocks."""
+    block = dict(_cell_values(cell)).get("block", "plain")
+    return method if block == "plain" else f"{block}+{method}"
+
+
 def row_key(run: dict[str, Any]) -> tuple:
-    """A table row: the run's cell without its method, so that the methods of one data set
-    and student sit side by side, and cells that differ in anything else stay apart."""
-    rest = tuple((k, v) for k, v in _cell_values(run["cell"]) if k != "method")
+    """A table row: the run's cell without its method (and block), so that the methods of one
+    data set and student sit side by side, and cells that differ in anything else stay
+    apart."""
+    rest = tuple((k, v) for k, v in _cell_values(run["cell"]) if k not in ("method", "block"))
     return (run["dataset"], run["depth"], rest)
 
 
@@ -153,8 +169,45 @@ def tables(runs: list[dict[str, Any]], teacher_acc: dict[str, float]) -> list[di
                         "time_ratio": row["alignkd_s_per_epoch"] / row["jointrd_s_per_epoch"]
                         if row["jointrd_s_per_epoch"] else math.nan,
                         "verdict": verdict(d, "AlignKD", "JointRD")})
+        if BASELINE in methods and len(methods) > 2:
+            base = [r["test_acc"] for r in final.get((key, BASELINE), [])]
+            for m in methods:
+                if m == BASELINE:
+                    continue
+                d = welch([r["test_acc"] for r in final.get((key, m), [])], base)
+                row.update({f"{m}_vs_{BASELINE}": d.diff, f"{m}_vs_{BASELINE}_low": d.low,
+                            f"{m}_vs_{BASELINE}_high": d.high,
+                            f"{m}_vs_{BASELINE}_verdict": verdict(
+                                d, METHOD_NAMES.get(m, m), METHOD_NAMES[BASELINE])})
         rows.append(row)
     return rows
+
+
+def methods_markdown(rows: list[dict[str, Any]]) -> str:
+    """With more than two methods: one line per data set x student x method, each compared
+    with AlignKD (difference of mean test accuracy, Welch's 95% interval, verdict)."""
+    lines = ["| data set | student | method | test acc (%) | − AlignKD (pp), 95% CI (Welch) "
+             "| verdict | s/epoch |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        methods = sorted({k[:-len("_mean")] for k in r if k.endswith("_mean")
+                          and not k.endswith("_rep_mean")}, key=_method_key)
+        for m in methods:
+            n = r[f"{m}_n"]
+            if n == 0:
+                continue
+            acc = (f"{_pct(r[f'{m}_mean'])} ± {_pct(r[f'{m}_std'])} (n={n})" if n > 1
+                   else f"{_pct(r[f'{m}_mean'])} (n=1)")
+            vs, ci, word = f"{m}_vs_{BASELINE}", "", ""
+            if vs in r:
+                ci = (f"{100 * r[vs]:+.2f} [{100 * r[vs + '_low']:+.2f}, "
+                      f"{100 * r[vs + '_high']:+.2f}]" if math.isfinite(r[vs + "_low"])
+                      else (f"{100 * r[vs]:+.2f}" if math.isfinite(r[vs]) else "-"))
+                word = r[vs + "_verdict"]
+            elif m == BASELINE:
+                ci, word = "(baseline)", ""
+            lines.append(f"| {r['dataset']} | {r['student']} | {METHOD_NAMES.get(m, m)} | {acc} "
+                         f"| {ci} | {word} | {_num(r[f'{m}_s_per_epoch'], 2)} |")
+    return "\n".join(lines)
 
 
 def _pct(v: float) -> str:
@@ -360,7 +413,10 @@ def build(uri: str, name: str | None, out: Path | None = None, *,
     rows = tables(runs, teacher_accuracies(uri, runs))
     out = Path(out or Path("reports") / exp.name)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(rows)
+    many = len({r["method"] for r in runs if r["chosen"]}) > 2
+    # More than two methods: one line per method, each against AlignKD, reads better than a
+    # row with three columns per method.
+    md = methods_markdown(rows) if many else markdown(rows)
     storage = parent.data.params.get("optuna_storage")
     imp = importances(storage, exp.name)
     top = [f"- {cell}: " + ", ".join(f"{k} {v:.2f}" for k, v in

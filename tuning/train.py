@@ -17,9 +17,17 @@ from tuning.config import RunConfig, UserError
 from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, DivergedError, train
 
 HELP = {
-    "method": "ce (a teacher or a scratch student), kd, alignkd or jointrd",
+    "method": "ce (a teacher or a scratch student), kd, alignkd, jointrd or jointrd_released "
+              "(JointRD as its authors released it)",
+    "alpha": "the KL term's weight (default: kd 0.9, alignkd 0.5)",
+    "temperature": "the KL term's temperature (default: kd 4, alignkd 1)",
+    "dis_weight": "jointrd_released's weight on its feature terms (default 1e-3)",
     "shortcut": "all (a ResNet), none (Plain-CNN), downsample (projections kept)",
-    "teacher": "a trained teacher's model.pt (needed by kd, alignkd, jointrd)",
+    "block": "the blocks' convs: plain (the default), dirac (a*delta + b*W) or repvgg "
+             "(3x3 + 1x1 + identity branches, folded into 3x3 convs at export; needs "
+             "--shortcut none)",
+    "dirac": "the older spelling of --block dirac",
+    "teacher": "a trained teacher's model.pt (needed by every method but ce)",
     "data_path": "the .npz file for --dataset npz, or an Imagewoof folder",
     "device": "auto, cpu or cuda[:N]",
     "download": "fetch a missing CIFAR-10/100 or Imagewoof into --data-root (the default; "
@@ -67,7 +75,7 @@ def build_parser() -> Parser:
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
-    net = "resnet" if cfg.shortcut == "all" else "plain"
+    net = "resnet" if cfg.shortcut == "all" else "repvgg" if cfg.block == "repvgg" else "plain"
     return Path("runs") / f"{cfg.method}-{cfg.dataset}-{net}{cfg.depth}-w{cfg.width}-s{cfg.seed}"
 
 
@@ -134,6 +142,12 @@ def _run(argv: list[str] | None, config_file: str | None, out: str | None, resum
             cfg = RunConfig.from_yaml(Path(out) / "config.yaml")
         else:
             values = RunConfig.from_yaml(config_file).to_dict() if config_file else {}
+            # A file's block and dirac agree; a flag that sets one of them decides the convs.
+            if "block" in args and "dirac" not in args:
+                values.pop("dirac", None)
+            if "dirac" in args and "block" not in args and \
+                    args["dirac"] != (values.get("block") == "dirac"):
+                values.pop("block", None)
             cfg = RunConfig.from_dict({**values, **args}, source="flags")
         run_dir = Path(out) if out else default_run_dir(cfg)
         if not resume and ((run_dir / CHECKPOINT_NAME).exists() or (run_dir / MODEL_NAME).exists()):

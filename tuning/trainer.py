@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from data import DataBundle, build_data
-from losses import OBJECTIVES
+from losses import OBJECTIVES, OWN_MODULES
 from models import freeze, resnet
 from tuning.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -71,9 +71,11 @@ def describe_device(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-# What a model file's "arch" holds: resnet()'s arguments, each of this type.
+# What a model file's "arch" holds: resnet()'s arguments, each of this type. Files written
+# before block existed have no "block" (their dirac says it).
 ARCH_TYPES = {"depth": int, "shortcut": str, "stem": str, "num_classes": int, "width": int,
-              "dirac": bool}
+              "dirac": bool, "block": str}
+ARCH_OPTIONAL = {"block"}
 
 
 def _check_arch(arch: Any, path: Path, fix: str) -> dict[str, Any]:
@@ -81,8 +83,8 @@ def _check_arch(arch: Any, path: Path, fix: str) -> dict[str, Any]:
     if not isinstance(arch, dict):
         got = "none" if arch is None else f"a {type(arch).__name__}"
         raise CheckpointError(f"model file {path} has {got} as its 'arch' (the network's "
-                              f"depth, shortcut, stem, num_classes, width, dirac); {fix}")
-    bad = sorted(set(arch) ^ set(ARCH_TYPES), key=str)
+                              f"depth, shortcut, stem, num_classes, width, dirac, block); {fix}")
+    bad = sorted((set(arch) ^ set(ARCH_TYPES)) - (ARCH_OPTIONAL - set(arch)), key=str)
     bad += [k for k, kind in ARCH_TYPES.items() if k in arch and (
         not isinstance(arch[k], kind) or (kind is int and isinstance(arch[k], bool)))]
     if bad:
@@ -147,7 +149,7 @@ def model_from_checkpoint(checkpoint: Path, path: Path) -> int:
         raise CheckpointError(f"checkpoint {checkpoint} predates the data it needs to be a "
                               "model file; nothing was written")
     arch = {"depth": cfg.depth, "shortcut": cfg.shortcut, "stem": meta["stem"],
-            "num_classes": meta["num_classes"], "width": cfg.width, "dirac": cfg.dirac}
+            "num_classes": meta["num_classes"], "width": cfg.width, "block": cfg.block}
     net = resnet(**arch)
     net.load_state_dict(state["model"])
     atomic_torch_save({
@@ -159,7 +161,7 @@ def model_from_checkpoint(checkpoint: Path, path: Path) -> int:
 
 
 # The methods that compare or mix stage features, so teacher and student widths must agree.
-FEATURE_METHODS = ("alignkd", "jointrd")
+FEATURE_METHODS = ("alignkd", "jointrd", "jointrd_released")
 
 
 def load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device) -> nn.Module:
@@ -197,14 +199,18 @@ def load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device) -> nn.M
 
 
 def objective_kwargs(cfg: RunConfig, epoch: int) -> dict[str, Any]:
-    """The hyperparameters each objective takes, at this epoch."""
+    """The hyperparameters each objective takes, at this epoch (alpha and temperature as
+    resolved for the method: RunConfig.resolved). jointrd_released's connectors are not
+    hyperparameters: the train step passes them (tuning.step.make_train_step)."""
     eta = cfg.eta_schedule(epoch)
+    alpha, temperature = cfg.resolved("alpha"), cfg.resolved("temperature")
     return {
         "ce": {},
-        "kd": {"alpha": cfg.alpha, "temperature": cfg.temperature},
-        "alignkd": {"alpha": cfg.alpha, "eta": eta, "temperature": cfg.temperature,
+        "kd": {"alpha": alpha, "temperature": temperature},
+        "alignkd": {"alpha": alpha, "eta": eta, "temperature": temperature,
                     "feature_loss_kind": cfg.feature_loss, "beta": cfg.beta},
         "jointrd": {"eta": eta, "lam": cfg.lam},
+        "jointrd_released": {"eta": eta, "dis_weight": cfg.dis_weight},
     }[cfg.method]
 
 
@@ -267,11 +273,18 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
                       download=cfg.download, **cfg.data_options())
     teacher = load_teacher(cfg, data, device) if cfg.method != "ce" else None
     student = resnet(cfg.depth, shortcut=cfg.shortcut, stem=data.stem,
-                     num_classes=data.num_classes, width=cfg.width, dirac=cfg.dirac).to(device)
+                     num_classes=data.num_classes, width=cfg.width, block=cfg.block).to(device)
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
+    # The modules an objective trains besides the student (jointrd_released's connectors):
+    # made once per run, after the student (whose initialization they leave unchanged),
+    # optimized and checkpointed with it, and never part of model.pt.
+    own = OWN_MODULES[cfg.method](student, teacher) if cfg.method in OWN_MODULES else None
+    if own is not None and device.type == "cuda":
+        own = own.to(memory_format=torch.channels_last)
     steps = len(data.train)
-    optimizer, scheduler = make_optimizer(student, cfg, cfg.epochs * steps, device)
+    optimizer, scheduler = make_optimizer(student, cfg, cfg.epochs * steps, device,
+                                          connectors=own)
     objective = OBJECTIVES[cfg.method]
     if cfg.compile:
         objective = torch.compile(objective)
@@ -282,6 +295,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
         state = load_checkpoint(Path(resume_from))
         try:
             student.load_state_dict(state["model"])
+            if own is not None:
+                own.load_state_dict(state["connectors"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng_cpu"])
@@ -295,13 +310,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
             raise CheckpointError(f"checkpoint {resume_from} does not fit this run ({reason}); "
                                   "delete it to start the run afresh") from None
 
-    train_step = make_train_step(objective, student, teacher, optimizer, scheduler, device)
+    train_step = make_train_step(objective, student, teacher, optimizer, scheduler, device,
+                                 connectors=own)
     ckpt_path = run_dir / CHECKPOINT_NAME
     best_val = max((h["val_acc"] for h in history), default=0.0)
     last_save = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         hp = objective_kwargs(cfg, epoch)
         student.train()
+        if own is not None:
+            own.train()
         data.train.set_epoch(cfg.seed, epoch)
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), dtype=torch.long, device=device)
@@ -364,6 +382,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, listeners: Iterable[Listener] 
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                 "extra": extra, "data": data_meta(data),
+                **({"connectors": own.state_dict()} if own is not None else {}),
             }, ckpt_path)
             saved, last_save = ckpt_path, time.perf_counter()
         metrics["checkpoint_time"] = last_save - t2 if saved else 0.0

@@ -289,7 +289,7 @@ def check_teacher(space: Space) -> None:
     path = space.fixed.get("teacher")
     if not path:
         return
-    from tuning.trainer import load_model
+    from tuning.trainer import FEATURE_METHODS, load_model
 
     _, meta = load_model(path)
     for name in space.values_of("dataset") or (RunConfig.dataset,):
@@ -303,7 +303,7 @@ def check_teacher(space: Space) -> None:
     widths = space.values_of("width") or (RunConfig.width,)
     teacher_width = meta["arch"]["width"]
     for width in widths:
-        if width != teacher_width and set(methods) & {"alignkd", "jointrd"}:
+        if width != teacher_width and set(methods) & set(FEATURE_METHODS):
             raise UserError(f"teacher {path} has width {teacher_width} but the search's "
                             f"students have width {width}; AlignKD and JointRD need them equal: "
                             f"pass --set width={teacher_width} or another teacher")
@@ -325,7 +325,8 @@ def expected_storage(space: Space, settings: dict[str, Any]) -> tuple[int, str]:
         cfg = RunConfig(**trial_values(space, cell.as_dict()))
         classes = 100 if cfg.dataset == "cifar100" else 10
         net = resnet(cfg.depth, shortcut=cfg.shortcut, num_classes=classes, width=cfg.width,
-                     stem="imagenet" if cfg.dataset == "imagewoof" else "cifar")
+                     stem="imagenet" if cfg.dataset == "imagewoof" else "cifar",
+                     block=cfg.block)
         sizes.append(4 * sum(p.numel() for p in net.parameters()))
     per_cell = settings["trials_per_cell"] + settings["replicates"]
     ended = sum(3 * size * per_cell for size in sizes)  # a checkpoint (2x) and a model each

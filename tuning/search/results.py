@@ -149,7 +149,7 @@ def test_accuracy(cfg: RunConfig, checkpoint_dir: Path, epoch: int | None = None
                       val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, device=device,
                       **cfg.data_options())
     net = resnet(cfg.depth, shortcut=cfg.shortcut, stem=data.stem, num_classes=data.num_classes,
-                 width=cfg.width, dirac=cfg.dirac).to(device)
+                 width=cfg.width, block=cfg.block).to(device)
     net.load_state_dict(state["model"])
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)

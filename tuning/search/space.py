@@ -6,6 +6,9 @@ A space file has these top-level keys:
     fixed:  {key: value}           RunConfig values every trial gets
     across: {key: [values...]}     the dimensions the search runs across: each combination
                                    is a cell, a study of its own (data set x depth x method)
+    exclude: [{key: value or [values]}, ...]
+                                   combinations of across-values that are not cells: a
+                                   combination matching every key of one entry is left out
     params: {key: spec}            what each cell's sampler searches, in this order
     grid:   {key: [values...]}     or: an exhaustive grid each cell runs (GridSampler)
 
@@ -29,7 +32,7 @@ from tuning.config import ConfigError, RunConfig
 from tuning.search.cells import Cell, cells_of
 
 SPACES_DIR = Path(__file__).parent / "spaces"
-TOP_KEYS = ("description", "fixed", "across", "params", "grid")
+TOP_KEYS = ("description", "fixed", "across", "exclude", "params", "grid")
 RUN_KEYS = {f.name for f in fields(RunConfig)} - {"extra"}
 EXTRA_KEYS = {"eta_span"}
 # Two ways to say how long eta decays: fixing one of them (in the file or with --set) removes
@@ -76,6 +79,7 @@ class Space:
     params: tuple[Param, ...]
     grid: dict[str, tuple]
     across: dict[str, tuple] = field(default_factory=dict)
+    exclude: tuple[dict[str, tuple], ...] = ()
 
     @property
     def digest(self) -> str:
@@ -95,7 +99,7 @@ class Space:
         return "sampled" if self.params else ("grid" if self.grid else "fixed")
 
     def cells(self) -> list[Cell]:
-        return cells_of(self.across)
+        return [c for c in cells_of(self.across) if not _excluded(c.as_dict(), self.exclude)]
 
     def cell_budget(self, num_samples: int) -> int:
         """Trials per cell: num_samples when sampled, the grid's size, or one fixed run."""
@@ -119,10 +123,17 @@ class Space:
         drop = set(overrides) | {ALIASES[k] for k in overrides if k in ALIASES}
         fixed = {k: v for k, v in self.fixed.items() if k not in drop}
         fixed.update({k: v for k, v in overrides.items() if k in RUN_KEYS | EXTRA_KEYS})
-        return Space(self.name, self.source, self.text, self.description, fixed,
-                     tuple(p for p in self.params if p.name not in drop),
-                     {k: v for k, v in self.grid.items() if k not in drop},
-                     {k: v for k, v in self.across.items() if k not in drop})
+        exclude = _fix_exclude(self.exclude, {k: v for k, v in overrides.items()
+                                              if k in self.across})
+        space = Space(self.name, self.source, self.text, self.description, fixed,
+                      tuple(p for p in self.params if p.name not in drop),
+                      {k: v for k, v in self.grid.items() if k not in drop},
+                      {k: v for k, v in self.across.items() if k not in drop}, exclude)
+        if self.across and not space.cells():
+            fixed_dims = ", ".join(f"{k}={v}" for k, v in overrides.items() if k in self.across)
+            raise SpaceError(f"{self.source}: exclude: with --set {fixed_dims} every cell is "
+                             "excluded; set values that the space runs")
+        return space
 
 
 def available_spaces() -> list[str]:
@@ -194,6 +205,7 @@ def parse_space(text: str, *, source: str, name: str) -> Space:
     if "eta_span" in fixed and "eta_epochs" in fixed:
         raise fail("fixed.eta_span", "eta_span and eta_epochs say the same thing; keep one")
     across = _parse_lists(fail, doc, "across", fixed)
+    exclude = _parse_exclude(fail, doc, across)
     params = doc.get("params") or {}
     if not isinstance(params, dict):
         raise fail("params", "must be a mapping of keys to specs")
@@ -230,7 +242,7 @@ def parse_space(text: str, *, source: str, name: str) -> Space:
                            f"{bad[0]!r} is not one of {list(options[key])}")
     _check_eta_order(fail, fixed, params, {**grid, **across})
     return Space(name, source, text, str(doc.get("description", "")), dict(fixed), params,
-                 grid, across)
+                 grid, across, exclude)
 
 
 def _parse_lists(fail, doc: dict, section: str, fixed: dict) -> dict[str, tuple]:
@@ -251,6 +263,50 @@ def _parse_lists(fail, doc: dict, section: str, fixed: dict) -> dict[str, tuple]
             raise fail(f"{section}.{key}", "lists a value twice; list each once")
         out[key] = tuple(values)
     return out
+
+
+def _parse_exclude(fail, doc: dict, across: dict[str, tuple]) -> tuple[dict[str, tuple], ...]:
+    """`exclude`: a list of {across-key: value or [values]}; at least one cell must remain."""
+    raw = doc.get("exclude")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(e, dict) and e for e in raw):
+        raise fail("exclude", "must be a list of non-empty mappings {across-key: value or "
+                              "[values]}")
+    out = []
+    for i, entry in enumerate(raw):
+        rule: dict[str, tuple] = {}
+        for key, value in entry.items():
+            where = f"exclude[{i}].{key}"
+            if key not in across:
+                raise fail(where, f"must name an across-dimension ({', '.join(across) or 'none'})")
+            values = tuple(value) if isinstance(value, list) else (value,)
+            bad = [v for v in values if v not in across[key]]
+            if bad or not values:
+                raise fail(where, f"{bad[0] if bad else value!r} is not one of "
+                                  f"{list(across[key])}")
+            rule[key] = values
+        out.append(rule)
+    if across and not [c for c in cells_of(across) if not _excluded(c.as_dict(), out)]:
+        raise fail("exclude", "excludes every cell; leave at least one combination")
+    return tuple(out)
+
+
+def _excluded(cell: dict[str, Any], exclude: tuple[dict[str, tuple], ...] | list) -> bool:
+    return any(all(cell.get(k) in v for k, v in rule.items()) for rule in exclude)
+
+
+def _fix_exclude(exclude: tuple[dict[str, tuple], ...], fixed: dict[str, Any]
+                 ) -> tuple[dict[str, tuple], ...]:
+    """The exclude rules once some across-dimensions are fixed (--set): a rule that the fixed
+    value cannot match is dropped; a key the fixed value matches leaves the rule. A rule left
+    with no key excludes every cell (the caller refuses that)."""
+    out = []
+    for rule in exclude:
+        if any(k in fixed and fixed[k] not in v for k, v in rule.items()):
+            continue
+        out.append({k: v for k, v in rule.items() if k not in fixed})
+    return tuple(out)
 
 
 def _check_key(fail, where: str, key: str) -> None:

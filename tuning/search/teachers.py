@@ -22,6 +22,8 @@ INHERITED = ("dataset", "data_root", "data_path", "val_fraction", "split_seed", 
              "batch_size", "seed", "download", "checkpoint_interval_s")
 VOLATILE = ("device", "extra", "checkpoint_interval_s", "download")  # not what it learns
 RECIPE_FIELDS = set(INHERITED) | {"depth", "teacher_depth", "method", "teacher"}
+KEY_LATER = ("block", "dis_weight")  # a teacher's block is always plain (dirac: false)
+KEY_AS_BEFORE = {"alpha": 0.5, "temperature": 1.0}  # CE reads neither
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,12 @@ class TeacherRecipe:
         cfg = self.config.to_dict()
         for volatile in VOLATILE:
             cfg.pop(volatile)
+        # Fields that a CE-trained ResNet never reads, added after teacher keys were first
+        # written: leaving them out (and writing alpha and temperature as they were before
+        # they became per-method) keeps every stored teacher's key, so none is retrained.
+        for later in KEY_LATER:
+            cfg.pop(later)
+        cfg.update(KEY_AS_BEFORE)
         digest = hashlib.sha256(yaml.safe_dump(cfg, sort_keys=True).encode()).hexdigest()[:10]
         c = self.config
         return f"{c.dataset}-resnet{c.depth}-w{c.width}-s{c.seed}-{digest}"
@@ -49,7 +57,7 @@ def teacher_recipe(trial: RunConfig, teacher_epochs: int) -> TeacherRecipe:
     values = {k: getattr(trial, k) for k in INHERITED}
     if not trial.data_options():
         values["data_path"] = None  # a path this data set never reads is no part of its teacher
-    values.update(method="ce", shortcut="all", dirac=False,
+    values.update(method="ce", shortcut="all", block="plain", dirac=False,
                   depth=trial.teacher_depth or trial.depth, epochs=teacher_epochs,
                   device=trial.device)
     return TeacherRecipe(tuple(sorted(values.items())))

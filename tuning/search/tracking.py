@@ -193,13 +193,15 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) -> No
 
 # The hyperparameters that apply to each method; the rest of its config is not logged, so that
 # a parallel-coordinates plot never shows a JointRD run at AlignKD's default alpha.
-RECIPE = ("dataset", "depth", "width", "shortcut", "dirac", "epochs", "batch_size", "lr",
+RECIPE = ("dataset", "depth", "width", "shortcut", "block", "epochs", "batch_size", "lr",
           "max_lr_factor", "pct_start", "cycle_momentum", "momentum", "nesterov",
           "weight_decay", "seed", "split_seed", "val_fraction")
 ETA = ("eta_kind", "eta_start", "eta_end", "eta_epochs")
 METHOD_PARAMS = {"ce": (), "kd": ("alpha", "temperature"),
                  "alignkd": ("alpha", "temperature", *ETA, "feature_loss", "beta"),
-                 "jointrd": ("lam", *ETA)}
+                 "jointrd": ("lam", *ETA), "jointrd_released": (*ETA, "dis_weight")}
+# Shared fields whose None means "the method's default": logged as the value the run used.
+RESOLVED = ("alpha", "temperature")
 
 
 def run_params(cfg: RunConfig) -> dict[str, Any]:
@@ -214,7 +216,7 @@ def run_params(cfg: RunConfig) -> dict[str, Any]:
         keys += ["teacher_depth", "teacher"]
     if cfg.data_options():
         keys.append("data_path")
-    out = {k: values[k] for k in keys}
+    out = {k: cfg.resolved(k) if k in RESOLVED else values[k] for k in keys}
     if "beta" in out and out["beta"] is None:
         out["beta"] = DEFAULT_BETA[cfg.feature_loss]  # the weight the loss actually used
     if out.get("teacher_depth") is None and "teacher_depth" in out:
@@ -223,13 +225,16 @@ def run_params(cfg: RunConfig) -> dict[str, Any]:
 
 
 def run_label(cfg: RunConfig, sample: dict[str, Any] | None = None) -> str:
-    """A run name a chart legend can show: `alignkd · cifar10 · P18 · #07`; teachers
+    """A run name a chart legend can show: `alignkd · cifar10 · P18 · #07` (`RV18` for a
+    RepVGG student, `D18` for a Dirac one); teachers
     `teacher · cifar10 · R18`; replicates `... · seed 2`."""
     sample = sample or {}
     data = Path(cfg.data_path).stem if cfg.data_options() else cfg.dataset
     if cfg.method == "ce" and cfg.shortcut == "all":
         return f"teacher · {data} · R{cfg.depth}"
-    label = f"{cfg.method} · {data} · P{cfg.depth}"
+    # P: a Plain-CNN student; D: with Dirac convs; RV: with RepVGG blocks (folded to plain).
+    student = {"dirac": "D", "repvgg": "RV"}.get(cfg.block, "P")
+    label = f"{cfg.method} · {data} · {student}{cfg.depth}"
     if "study_trial" in sample:
         label += f" · #{int(sample['study_trial']):02d}"
     if "replicate" in sample:
