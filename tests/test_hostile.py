@@ -93,7 +93,7 @@ def _listen_table() -> dict[str, str]:
                 ip = ".".join(str(int(raw[i:i + 2], 16)) for i in (6, 4, 2, 0))
             else:
                 words = [raw[i:i + 8] for i in range(0, 32, 8)]
-                host = "".join(w[6:8] + w[4:6] + w[2:4] + w[0:2] for w in words)
+                host = "".join(w[6:8] + w[4:6] + w[2:4] + w[0:2] for w in words).lower()
                 ip = ":".join(host[i:i + 4] for i in range(0, 32, 4))
                 if host.startswith("0" * 20 + "ffff"):
                     mapped = host[24:]
