@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from losses import OBJECTIVES, hybrid_logits_naive
+from losses import OBJECTIVES, OWN_MODULES, hybrid_logits_naive
 from models import freeze, resnet
 from tuning import bench
 from tuning.config import METHODS, RunConfig
@@ -61,10 +61,23 @@ def _nets(method: str, device: str, channels_last: bool = False):
     return student, teacher
 
 
+def _own(method, student, teacher):
+    """The modules the objective trains besides the student (jointrd_released's connectors),
+    made from a fixed seed, so that both paths start from the same ones."""
+    if method not in OWN_MODULES:
+        return None
+    torch.manual_seed(2)
+    return OWN_MODULES[method](student, teacher)
+
+
 def _reference_losses(method, student, teacher, batches, cfg, total_steps):
     """The plain path: fp32, no autocast, per-parameter SGD loop (foreach=False)."""
     hp = objective_kwargs(cfg, 0)
-    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    own = _own(method, student, teacher)
+    if own is not None:
+        hp = {**hp, "connectors": own}
+    params = list(student.parameters()) + ([] if own is None else list(own.parameters()))
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, foreach=False)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr * cfg.max_lr_factor,
                                                 total_steps=total_steps,
@@ -81,8 +94,10 @@ def _reference_losses(method, student, teacher, batches, cfg, total_steps):
 
 
 def _fast_losses(method, student, teacher, batches, cfg, total_steps, device):
-    opt, sched = make_optimizer(student, cfg, total_steps, torch.device(device))
-    step = make_train_step(OBJECTIVES[method], student, teacher, opt, sched, torch.device(device))
+    own = _own(method, student, teacher)
+    opt, sched = make_optimizer(student, cfg, total_steps, torch.device(device), connectors=own)
+    step = make_train_step(OBJECTIVES[method], student, teacher, opt, sched, torch.device(device),
+                           connectors=own)
     hp = objective_kwargs(cfg, 0)
     return [step(x, y, hp)[0].item() for x, y in batches]
 

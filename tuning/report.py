@@ -329,7 +329,11 @@ def plot_replicates(runs: list[dict[str, Any]], out: Path) -> Path | None:
     if not panels:
         return None
     methods = sorted({k[1] for k in final}, key=_method_key)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.6),
+    # Each panel wide enough for its methods' names, which tilt when there are many.
+    many = len(methods) > 3
+    panel_w = max(3.2, 0.9 * len(methods) + 0.8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_w * len(panels) + 1,
+                                                      4.4 if many else 3.6),
                              squeeze=False, sharey=True)
     for ax, key in zip(axes[0], panels, strict=True):
         for x, m in enumerate(methods):
@@ -343,11 +347,13 @@ def plot_replicates(runs: list[dict[str, Any]], out: Path) -> Path | None:
             err = [[s.mean - s.low], [s.high - s.mean]] if s.n > 1 else None
             ax.errorbar([x + 0.3], [s.mean], yerr=err, fmt="D", color=COLOURS.get(m, "k"),
                         capsize=4, zorder=3)
-        ax.set_xticks(range(len(methods)), [METHOD_NAMES.get(m, m) for m in methods])
+        ax.set_xticks(range(len(methods)), [METHOD_NAMES.get(m, m) for m in methods],
+                      rotation=30 if many else 0, ha="right" if many else "center")
         ax.set_xlim(-0.5, len(methods) - 0.3)
         ax.set_title(", ".join(row_label(key)))
     axes[0][0].set_ylabel("test accuracy (%)")
-    fig.suptitle("each cell's chosen trial and its replicates: runs, mean and 95% CI")
+    fig.suptitle("each cell's chosen trial and its replicates:\nruns, mean and 95% CI",
+                 fontsize=10)
     fig.tight_layout()
     path = out / "replicates.png"
     fig.savefig(path, dpi=DPI)
