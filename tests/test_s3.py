@@ -33,8 +33,9 @@ def s3(tmp_path_factory):
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    patch = pytest.MonkeyPatch()  # the fixture is per module: no monkeypatch fixture here
+    for key, value in env.items():
+        patch.setenv(key, value)
     try:
         deadline = time.time() + 60
         while True:
@@ -49,11 +50,7 @@ def s3(tmp_path_factory):
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         yield boto3.client("s3")
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        patch.undo()
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 

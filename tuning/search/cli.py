@@ -10,13 +10,13 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from data import DataError, load_arrays
+from tuning import envvars
 from tuning.checkpoint import atomic_write_text
 from tuning.config import ConfigError, RunConfig, UserError
 from tuning.search import storage
@@ -427,26 +427,14 @@ def check_trusted(folder: Path, name: str) -> None:
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-@contextlib.contextmanager
-def loopback_only(address: str | None) -> Iterator[None]:
+def loopback_only(address: str | None) -> contextlib.AbstractContextManager:
     """Within, a Ray this process starts for itself (no --address) serves this machine alone:
     its node address is 127.0.0.1, and the GCS, raylet and workers listen on the loopback
     interface only. Ray reads the setting once, when it is first imported, so the commands
     import Ray inside this block. Joining a cluster (--address) is the user's choice, and
     the setting is put back afterwards: a `ray start` this process runs later must not
     inherit it, or it refuses to form a cluster."""
-    if address is not None:
-        yield
-        return
-    before = os.environ.get(LOOPBACK_ENV)
-    os.environ.setdefault(LOOPBACK_ENV, "0")
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(LOOPBACK_ENV, None)
-        else:
-            os.environ[LOOPBACK_ENV] = before
+    return envvars.defaults({} if address is not None else {LOOPBACK_ENV: "0"})
 
 
 _NAME_LOCK = None  # held by this process while its search runs; the kernel drops it at exit

@@ -144,6 +144,9 @@ def resolve_space_path(name_or_path: str) -> Path:
     """A bundled space's name, or a path to a user's YAML file."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise SpaceError(f"space file {path} is a folder; pass a bundled space "
+                             f"({', '.join(available_spaces())}) or a YAML file's path")
         if not path.is_file():
             raise SpaceError(f"space file {path} does not exist; pass a bundled space "
                              f"({', '.join(available_spaces())}) or a YAML file's path")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuning import envvars
 from tuning.config import RunConfig, UserError
 
 DEFAULT_DB = "mlflow.db"
@@ -103,22 +104,14 @@ def check_reachable(uri: str, *, create: bool = True) -> None:
     # the driver's later calls nor the trial workers (which inherit the environment) lose
     # MLflow's retries to a transient error.
     fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    saved = {k: os.environ.get(k) for k in fast}
-    if uri.startswith(("http://", "https://")):
-        os.environ.update({k: v for k, v in fast.items() if saved[k] is None})
     try:
-        client(uri).search_experiments(max_results=1)
+        with envvars.defaults(fast if uri.startswith(("http://", "https://")) else {}):
+            client(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means "unusable store"
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise UserError(f"MLflow tracking at {uri} is unreachable ({reason}); start the server "
                         "(`mlflow server --host 127.0.0.1 --port 5000`) or drop --tracking-uri "
                         "to use the local sqlite:///mlflow.db") from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # The MLflow UI opens an experiment on its GenAI overview unless the experiment says it is
