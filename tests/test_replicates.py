@@ -71,7 +71,7 @@ def test_replicate_adds_replicates_to_a_finished_search(ray_session, root):
     assert [(r["replicate"], r["replicate_of"], r["status"]) for r in again] == [
         ("1", chosen, "COMPLETED"), ("2", chosen, "COMPLETED")]
     table = (root / "ray" / name / "report" / "tables.md").read_text()
-    assert "(n=3)" in table
+    assert "(n=2)" in table  # the replicates alone: the chosen trial is shown apart
 
 
 @pytest.mark.parametrize("case", ["negative", "unknown", "nothing_finished", "other_count"])
@@ -104,3 +104,42 @@ def test_search_refuses_a_negative_replicate_count(root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--replicates must be 0 (none) or more; got -1" in err
     assert not (tmp_path / "ray").exists()
+
+
+def test_the_default_baseline_trains_under_the_replicates_seeds(ray_session, root, tmp_path):
+    """A space whose lr range excludes the default: trial 0 runs the nearest lr it allows and
+    is the cell's only trial, so it is chosen; the true default (lr 0.01) is the baseline arm,
+    trained under the tuned arm's seeds, and the report gives the gain and says what moved."""
+    import csv
+
+    from mlflow import MlflowClient
+
+    space = tmp_path / "narrow.yaml"
+    space.write_text("fixed: {method: alignkd, teacher_depth: 18}\n"
+                     "params:\n  lr: {type: choice, values: [0.05, 0.02]}\n"
+                     "  alpha: {type: float, low: 0.0, high: 1.0}\n")
+    name = "baseline"
+    assert main(search_args(root, name, "--num-samples", "1", "--epochs", "1",
+                            space=str(space), replicates=2)) == 0
+    (trial,) = rows(root, name)
+    assert trial["default"] == "True" and float(trial["lr"]) == 0.02  # clipped into the space
+    again = rows(root, name, "replicates.csv")
+    arms = {(r["arm"], r["seed"]) for r in again}
+    assert arms == {("tuned", "1"), ("tuned", "2"), ("default", "1"), ("default", "2")}
+    assert all(r["status"] == "COMPLETED" for r in again)
+    runs = MlflowClient(tracking_uri(root)).search_runs(
+        [MlflowClient(tracking_uri(root)).get_experiment_by_name(name).experiment_id])
+    lr = {(r.data.tags.get("arm"), r.data.params["seed"]): r.data.params["lr"] for r in runs
+          if r.data.tags.get("role") == "replicate"}
+    assert lr == {("tuned", "1"): "0.02", ("tuned", "2"): "0.02", ("default", "1"): "0.01",
+                  ("default", "2"): "0.01"}
+    with open(root / "ray" / name / "report" / "tables.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    by_seed = {(r["arm"], r["seed"]): float(r["test_acc"]) for r in again}
+    gain = sum(by_seed[("tuned", s)] - by_seed[("default", s)] for s in "12") / 2
+    # (MLflow keeps accuracies in % to 2 decimals: the report's figures agree to 1e-4)
+    assert float(row["alignkd_gain"]) == pytest.approx(gain, abs=1e-4)
+    assert float(row["alignkd_default_mean"]) == pytest.approx(
+        (by_seed[("default", "1")] + by_seed[("default", "2")]) / 2, abs=1e-4)
+    table = (root / "ray" / name / "report" / "tables.md").read_text()
+    assert "the space excludes the default lr: 0.01 -> 0.02" in table

@@ -46,7 +46,7 @@ def test_smoke_search_runs_two_cells_each_with_its_chosen_and_tested_trial(ray_s
         assert tested[0]["trial_id"] == cell["chosen_trial"]
         assert cell["test_acc"] == tested[0]["test_acc"] and 0 < float(cell["test_acc"]) <= 1
         # The chosen trial is the study's best: selected on the last epoch's val accuracy
-        # (among equals, the faster one).
+        # (among equals, the lower trial number: the default configuration, trial 0).
         study = found[cell["cell"]]
         best = [t.user_attrs["ray_trial_id"] for t in study.trials
                 if t.value == study.best_value]
@@ -56,13 +56,23 @@ def test_smoke_search_runs_two_cells_each_with_its_chosen_and_tested_trial(ray_s
         config = Path(cell["config"])
         assert config.parent == root / "ray" / "smoke" / "best" and config.is_file()
     assert "per cell" in out and "cells.csv" in out
-    # Replicates: each chosen trial twice more, with the next seeds, each tested once.
-    again = rows(root, "smoke", "replicates.csv")
+    # Replicates: each chosen trial twice more, with the next seeds, each tested once; and
+    # each cell's default configuration under the same seeds, unless it was the one chosen.
+    replicated = rows(root, "smoke", "replicates.csv")
+    again = [r for r in replicated if r["arm"] == "tuned"]
     assert sorted((r["cell"], r["replicate"], r["seed"]) for r in again) == [
         (c, str(i), str(i)) for c in ("depth=18", "depth=34") for i in (1, 2)]
     chosen_ids = {c["cell"]: c["chosen_trial"] for c in cells}
     assert all(r["replicate_of"] == chosen_ids[r["cell"]] and r["status"] == "COMPLETED"
-               and 0 < float(r["test_acc"]) <= 1 for r in again)
+               and 0 < float(r["test_acc"]) <= 1 for r in replicated)
+    defaults = {r["trial_id"] for r in table if r.get("default") == "True"}
+    assert len(defaults) == 2  # each cell's trial 0
+    for cell in cells:
+        baseline = [r for r in replicated if r["cell"] == cell["cell"] and r["arm"] == "default"]
+        if cell["chosen_trial"] in defaults:
+            assert baseline == []  # the tuned arm is the default arm: trained once
+        else:
+            assert sorted(r["seed"] for r in baseline) == ["1", "2"]  # the replicates' seeds
     from mlflow import MlflowClient
 
     mlflow = MlflowClient(tracking_uri(root))
@@ -77,18 +87,20 @@ def test_smoke_search_runs_two_cells_each_with_its_chosen_and_tested_trial(ray_s
         assert run.data.metrics["test/acc"] == pytest.approx(100 * float(r["test_acc"]),
                                                              abs=0.005)
         assert run.info.run_name.endswith(f" · seed {r['seed']}")
-    # The report: every cell, mean ± std over the chosen trial and its replicates, and the
-    # importance and parallel-coordinates plots, logged to the parent run.
+    # The report: every cell, mean ± std over its replicates alone, the selected trial apart,
+    # the default arm; parallel coordinates; no importances from 2 trials.
     parent = next(r for r in runs if r.data.tags.get("role") == "search")
     logged = {a.path for a in mlflow.list_artifacts(parent.info.run_id, "report")}
     assert {"report/tables.md", "report/tables.csv", "report/replicates.png",
             "report/parallel-depth-18.png", "report/parallel-depth-34.png"} <= logged
-    for cell, study in found.items():  # importance needs values that vary
-        if len({t.value for t in study.trials}) > 1:
-            assert f"report/importance-{cell.replace('=', '-')}.png" in logged
-    table = (root / "ray" / "smoke" / "report" / "tables.md").read_text()
-    assert "| digits | Plain-18 |" in table and "| digits | Plain-34 |" in table
-    assert table.count("(n=3)") == 2
+    assert not any("importance" in path for path in logged)
+    report = (root / "ray" / "smoke" / "report" / "tables.md").read_text()
+    assert "| digits | Plain-18 | AlignKD |" in report and "| digits | Plain-34 | AlignKD |" \
+        in report
+    assert report.count("(n=2)") == 4  # the tuned and the default arm of each cell
+    for cell in cells:  # the selected trial's own figure, apart from the replicates'
+        assert f"| {100 * float(cell['test_acc']):.2f} |" in report
+    assert report.count("too few trials (n=2, need 20)") == 2
     # A chosen config runs again as a single training run.
     cfg = RunConfig.from_yaml(cells[1]["config"])
     assert cfg.method == "alignkd" and cfg.dataset == "digits" and cfg.depth == 34
@@ -120,13 +132,15 @@ def test_methods_search_runs_every_way_to_a_plain_network_in_cells_of_its_own(ra
             ("jointrd_released", "plain"), ("kd", "plain")])
     assert all(0 < float(c["test_acc"]) <= 1 for c in cells)
     again = rows(root, "methods", "replicates.csv")
+    # One trial per cell: its default configuration, so the tuned arm is also the baseline.
     assert len(again) == 6 and {r["status"] for r in again} == {"COMPLETED"}
+    assert {r["arm"] for r in again} == {"tuned"}
     for cell in cells:
         cfg = RunConfig.from_yaml(cell["config"])
         assert cell["cell"] == f"method={cfg.method},block={cfg.block}"
         assert (cfg.teacher is None) == (cfg.method == "ce")
-        if cfg.method == "kd":  # the space searches KD's own alpha and temperature
-            assert cfg.alpha is not None and cfg.temperature is not None
+        if cfg.method == "kd":  # its one trial is the default: KD's own alpha and tau
+            assert (cfg.alpha, cfg.temperature) == (0.9, 4.0)
         if cfg.method == "ce":  # RepVGG alone: nothing to distil, so nothing searched but
             assert cfg.alpha is None and cfg.resolved("alpha") is None  # lr and decay
     from mlflow import MlflowClient
@@ -150,7 +164,9 @@ def test_methods_search_runs_every_way_to_a_plain_network_in_cells_of_its_own(ra
     for name in ("AlignKD", "JointRD", "JointRD (released)", "KD", "RepVGG",
                  "RepVGG+AlignKD"):
         assert f"| digits | Plain-18 | {name} | " in table
-    assert "| (baseline) |" in table and table.count("(n=2)") == 6
+    for name in ("JointRD", "JointRD (released)", "KD", "RepVGG", "RepVGG+AlignKD"):
+        assert f"| digits | Plain-18 | {name} − AlignKD | tuned |" in table
+    assert table.count("(n=1)") == 12  # each method's one replicate, tuned and default
 
 
 def test_optuna_dashboard_shows_each_cells_study(root):
@@ -214,7 +230,7 @@ def random_label_npz(path: Path, n: int = 480) -> Path:
 
 
 ISOLATION_SPACE = """
-fixed: {method: alignkd, shortcut: none, teacher_depth: 18}
+fixed: {method: alignkd, shortcut: none, teacher_depth: 18, eta_span: 0.3}
 across:
   dataset: [digits, npz]
 params:
@@ -231,7 +247,8 @@ def test_cells_never_compete_in_sampling_or_early_stopping(ray_session, root, tm
     space.write_text(ISOLATION_SPACE)
     data = random_label_npz(tmp_path / "noise.npz")
     code = main(search_args(root, "cells", "--num-samples", "4", "--epochs", "4",
-                            "--set", f"data_path={data}", space=str(space), smoke=False))
+                            "--first-rung", "0.5", "--set", f"data_path={data}",
+                            space=str(space), smoke=False))
     assert code == 0
     table = rows(root, "cells")
     cell_of = {r["trial_id"]: r["cell"] for r in table}
@@ -244,7 +261,7 @@ def test_cells_never_compete_in_sampling_or_early_stopping(ray_session, root, tm
     assert mean["dataset=digits"] > mean["dataset=npz"] + 0.2  # systematically apart
     records = [(t, k, v) for cell, study in found.items() for t in study.trials
                for k, v in t.user_attrs.items() if k.startswith("asha_epoch_")]
-    assert {r[1] for r in records} == {"asha_epoch_2"}  # the one rung, after the lr peak
+    assert {r[1] for r in records} == {"asha_epoch_2"}  # the one rung: 0.5 x 4
     for trial, _, record in records:
         mine = cell_of[trial.user_attrs["ray_trial_id"]]
         assert record["cell"] == mine
@@ -410,6 +427,9 @@ def test_two_node_cluster_runs_trials_on_both_nodes(root, tmp_path):
     "space_when_list", "space_huge", "garbage_mlflow_db", "resume_corrupt_settings",
     "resume_empty_settings", "resume_writable_by_others", "resume_bad_name",
     "teacher_other_width",
+    # what a reviewer's answer asks of a search: its baseline, choice rule and budget
+    "unknown_baseline", "choose_negative", "choose_without_front", "choose_unknown",
+    "budget_below_a_trial", "negative_sampler_seed", "unknown_sampler", "first_rung_above_one",
 ])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, capsys):
     bad_space = tmp_path / "bad.yaml"
@@ -541,6 +561,14 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
                             "was trained on npz (3 classes) but the search runs digits"),
         "teacher_corrupt": (["--set", f"teacher={teacher}"], "truncated or corrupt"),
         "negative_concurrency": (["--max-concurrent", "-1"], "--max-concurrent must be"),
+        "unknown_baseline": (["--baseline", "maybe"], "argument --baseline: invalid choice"),
+        "choose_negative": (["--choose", "fastest-within:-1"], "as a number >= 0; got '-1'"),
+        "choose_without_front": (["--choose", "knee"], "which only --objective acc-time"),
+        "choose_unknown": (["--choose", "cheapest"], "--choose must be best, knee or"),
+        "budget_below_a_trial": (["--budget-epochs", "3"], "is less than one trial (4 epochs)"),
+        "negative_sampler_seed": (["--sampler-seed", "-1"], "--sampler-seed must be 0 or more"),
+        "unknown_sampler": (["--sampler", "cmaes"], "argument --sampler: invalid choice"),
+        "first_rung_above_one": (["--first-rung", "1.5"], "--first-rung must be a fraction"),
     }[case]
     base = ["--storage-path", str(tmp_path / "ray"), "--teacher-store", str(tmp_path / "t"),
             "--data-root", str(tmp_path / "datasets"), "--smoke",

@@ -12,16 +12,16 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
+from tuning.search.schedule import promotes, rung_epochs
 from tuning.search.space import parse_space
 from tuning.search.studies import (
+    DEFAULT,
     LOST,
     CellScheduler,
     CellSearcher,
     StudyBook,
     decisions,
     mark_lost,
-    promotes,
-    rung_epochs,
     tell,
 )
 
@@ -132,6 +132,9 @@ def test_a_stop_depends_only_on_the_trials_of_its_own_cell(book):
     for record in records:
         assert {c["ray_trial_id"] for c in record["compared"]} <= {
             t for t, c in cell_of.items() if c == cell_of[record["ray_trial_id"]]}
+        if record["ray_trial_id"] in ("t0", "t1"):  # each cell's trial 0: its default
+            assert record["go_on"] and "never stopped" in record["rule"]
+            continue
         assert record["go_on"] == promotes(record["value"],
                                            [c["value"] for c in record["compared"]], 2)
     states = {t.user_attrs["ray_trial_id"]: t for c in book.space.cells()
@@ -205,30 +208,158 @@ def test_a_multi_objective_cell_is_told_accuracy_and_time(tmp_path):
     assert isinstance(book.sampler(space.cells()[0]), optuna.samplers.TPESampler)
 
 
-def test_spearman_against_hand_worked_values_and_scipy():
+def test_rank_correlation_is_scipys_and_its_interval_holds_it():
     import numpy as np
     from scipy.stats import spearmanr
 
-    from tuning.rungs import cell_correlation, ranks, spearman
+    from tuning.stats import spearman
 
-    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
-    assert ranks([0.5, 0.1, 0.5, 0.9]) == [2.5, 1.0, 2.5, 4.0]
-    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(3))
-    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    c = spearman([1, 2, 3, 4], [1, 3, 2, 4])
+    assert c.rho == pytest.approx(0.8) and c.n == 4  # 1 - 6*2/(4*15)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]).rho)
     rng = np.random.default_rng(0)
-    for _ in range(20):
+    for _ in range(5):
         x = rng.integers(0, 6, 15).astype(float)  # many ties
         y = x + rng.normal(0, 2, 15)
-        assert spearman(list(x), list(y)) == pytest.approx(spearmanr(x, y).statistic)
+        c = spearman(list(x), list(y))
+        assert c.rho == pytest.approx(spearmanr(x, y).statistic)
+        assert c.low <= c.rho <= c.high and -1 <= c.low and c.high <= 1
+    # A perfect ranking has no spread to resample: its interval is the point itself.
+    perfect = spearman([1, 2, 3, 4, 5], [2, 4, 6, 8, 10])
+    assert (perfect.rho, perfect.low, perfect.high) == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_the_rung_measurement_on_hand_worked_curves():
+    from tuning.rungs import cell_correlation, replay, settled_from
+
     curves = [{1: 0.1, 2: 0.3, 3: 0.4}, {1: 0.2, 2: 0.2, 3: 0.5}, {1: 0.3, 2: 0.4, 3: 0.6},
               {1: 0.2, 2: 0.5}]  # the last one never finished: not counted
-    result = cell_correlation(curves, rung=2, epochs=3)
-    assert result["trials"] == 3 and result["rho_at_rung"] == pytest.approx(0.5)  # d = 1, -1, 0
-    assert result["rho_by_epoch"][3] == pytest.approx(1.0)
-    # Halving at epoch 2 in trial order: 0.3 goes on; 0.2 < 0.3 stops; 0.4 is the best of 3.
-    assert result["replay"] == {"rungs": [2], "ran_to_the_end": 2, "best_kept": 0.6,
-                                "best": 0.6, "regret": 0.0,
-                                "epoch_share": pytest.approx((3 + 2 + 3) / 9)}
+    result = cell_correlation(curves, epochs=3, rungs=(2,))
+    assert result["trials"] == 3 and result["rho_at"][2] == pytest.approx(0.5)  # d = 1, -1, 0
+    assert result["rho_at"][1] == pytest.approx(1.0)
+    # Halving at epoch 2 in this order: 0.3 goes on; 0.2 < 0.3 stops; 0.4 is the best of 3.
+    assert replay(curves[:3], (2,), 3) == {"rungs": [2], "ran_to_the_end": 2, "best_kept": 0.6,
+                                           "best": 0.6, "regret": 0.0,
+                                           "epoch_share": pytest.approx((3 + 2 + 3) / 9)}
+    # Over every order of arrival, the best trial (0.4 at the rung, the highest) always goes
+    # on, and the middle one stops whenever it comes after the best.
+    r = result["replay"]
+    assert r["regret_mean"] == 0 and r["best_kept_share"] == 1
+    assert 0 < r["epochs_saved_share"] < 1 / 3
+    # rho settles (>= 0.7 for good) at epoch 3 of 3 here, not at epoch 1, which was 1.0 by
+    # chance before falling to 0.5.
+    assert result["settled_fraction"] == 1.0
+    assert settled_from({1: 0.2, 2: 0.75, 3: 0.8, 4: 0.9}, 5) == pytest.approx(2 / 5)
+    assert settled_from({1: 0.9, 2: 0.5, 3: 0.8, 4: 0.9}, 5) == pytest.approx(3 / 5)
+
+
+def test_rung_placement_follows_the_measured_rule():
+    """The default first rung is where the committed pilot measured rho to settle, and the
+    pilot's own file records the rungs that rule gives it."""
+    from pathlib import Path
+
+    from tuning.rungs import THRESHOLD, settled_from
+    from tuning.search.schedule import FIRST_RUNG_FRACTION, REDUCTION_FACTOR, default_rungs
+    from tuning.search.space import load_space
+
+    path = Path(__file__).parents[1] / "bench" / "results" / "rung-correlation-cifar10-cpu.json"
+    pilot = json.loads(path.read_text())
+    assert pilot["trials"] >= 20 and pilot["threshold"] == THRESHOLD
+    rho_at = {int(e): r for e, r in pilot["rho_at"].items()}
+    measured = settled_from(rho_at, pilot["epochs"])
+    assert FIRST_RUNG_FRACTION == pytest.approx(measured)
+    space = load_space("alignkd").with_fixed(pilot["fixed"])
+    assert pilot["default_rungs"] == list(default_rungs(space, pilot["epochs"], REDUCTION_FACTOR))
+
+
+def test_no_rung_judges_a_schedule_in_mid_course():
+    from tuning.search.schedule import FIRST_RUNG_FRACTION, default_rungs, settled_fraction
+
+    def space(params: str):
+        return parse_space(f"fixed: {{method: alignkd}}\nparams:\n{params}", source="s.yaml",
+                           name="s")
+
+    short = space("  alpha: {type: float, low: 0, high: 1}\n")
+    # eta at its default: 60 epochs, so a 200-epoch run settles at 0.3; the measured
+    # fraction is later and wins.
+    assert settled_fraction(short, 200) == pytest.approx(0.3)
+    assert default_rungs(short, 200, 2)[0] == math.ceil(FIRST_RUNG_FRACTION * 200)
+    # A span searched up to 0.9 of training: no rung before 0.9.
+    long = space("  eta_span: {type: float, low: 0.1, high: 0.9}\n")
+    assert default_rungs(long, 20, 2, first=0.5) == (18,)
+    assert default_rungs(long, 20, 2, first=0.95) == (19,)
+    # A constant eta never moves: only the lr peak and the measured fraction count.
+    flat = parse_space("fixed: {method: alignkd, eta_kind: constant, eta_epochs: 200}\n"
+                       "params:\n  alpha: {type: float, low: 0, high: 1}\n",
+                       source="f.yaml", name="f")
+    assert settled_fraction(flat, 20) == pytest.approx(0.3)
+    # A 4-epoch eta span in a 4-epoch search settles at its end: no rung at all.
+    assert default_rungs(space("  alpha: {type: float, low: 0, high: 1}\n"), 4, 2) == ()
+
+
+def test_each_sampled_cell_starts_from_its_default_which_is_never_stopped(book):
+    searcher = CellSearcher(book, book.space.cells(), epochs=4)
+    scheduler = CellScheduler(book, (2,), 2)
+    configs = dict(ask(searcher, 4))
+    assert configs["t0"][DEFAULT] is True and configs["t0"]["alpha"] == 0.5
+    assert DEFAULT not in configs["t2"]
+    # The default, worst at the rung and not first, still runs to the end.
+    drive(book, scheduler, configs["t2"], 2, 0.9)
+    assert drive(book, scheduler, configs["t0"], 2, 0.1) == TrialScheduler.CONTINUE
+    cell = book.space.cells()[0]
+    assert book.study(cell).user_attrs[DEFAULT] == {"params": {"alpha": 0.5}, "clipped": []}
+    assert book.study(cell).metric_names == ["val_acc"]
+
+
+def test_a_default_outside_the_space_is_moved_into_it_and_said(tmp_path):
+    from tuning.search.space import cell_defaults
+
+    space = parse_space("fixed: {method: alignkd}\nparams:\n"
+                        "  lr: {type: float, low: 0.02, high: 0.1, log: true}\n"
+                        "  feature_loss: {type: choice, values: [at, nst]}\n"
+                        "  alpha: {type: float, low: 0.0, high: 1.0}\n",
+                        source="s.yaml", name="s")
+    d = cell_defaults(space, space.cells()[0])
+    assert d.values == {"lr": 0.01, "feature_loss": "mse", "alpha": 0.5}
+    assert d.enqueued == {"lr": 0.02, "feature_loss": "at", "alpha": 0.5}
+    assert d.clipped == ("lr: 0.01 -> 0.02", "feature_loss: 'mse' -> 'at'")
+    book = StudyBook(f"sqlite:///{tmp_path / 'c.db'}", "s", space, seed=0,
+                     multi_objective=False, budget=2)
+    first = CellSearcher(book, space.cells(), epochs=2).suggest("t0")
+    assert (first["lr"], first["feature_loss"]) == (0.02, "at")
+
+
+def test_an_epoch_budget_counts_running_trials_and_gives_back_stopped_epochs(tmp_path):
+    space = parse_space(SPACE, source="two.yaml", name="two").with_fixed({"dataset": "digits"})
+    book = StudyBook(f"sqlite:///{tmp_path / 'b.db'}", "s", space, seed=0,
+                     multi_objective=False, budget=100, epoch_budget=10)
+    searcher = CellSearcher(book, space.cells(), epochs=4)
+    scheduler = CellScheduler(book, (2,), 2)
+    configs = dict(ask(searcher, 2))             # 2 running trials: 8 of 10 epochs spoken for
+    assert searcher.suggest("t2") is None        # a third would overrun; wait, not finished
+    drive(book, scheduler, configs["t0"], 2, 0.9)
+    assert drive(book, scheduler, configs["t1"], 2, 0.1) == TrialScheduler.STOP
+    searcher.on_trial_complete("t1", {"epoch": 2, "val_acc": 0.1})
+    cell = space.cells()[0]
+    assert book.epochs_spent(cell, 4) == 4 + 2   # t0 running (4), t1 stopped at epoch 2
+    assert searcher.suggest("t2") is not None    # 6 + 4 = 10 fits
+    assert searcher.suggest("t3") is None        # 10 + 4 would not, while trials run
+    searcher.on_trial_complete("t0", {"epoch": 4, "val_acc": 0.9})
+    searcher.on_trial_complete("t2", {"epoch": 4, "val_acc": 0.5})
+    assert searcher.suggest("t3") == Searcher.FINISHED
+
+
+def test_concurrent_tpe_lies_about_running_trials_and_random_is_random(tmp_path):
+    space = parse_space(SPACE, source="two.yaml", name="two")
+    cell = space.cells()[0]
+
+    def book(**kw):
+        return StudyBook(f"sqlite:///{tmp_path / 'x.db'}", "s", space, seed=0,
+                         multi_objective=False, budget=10, **kw)
+
+    assert book(concurrent=True).sampler(cell)._constant_liar is True
+    assert book(concurrent=False).sampler(cell)._constant_liar is False
+    assert isinstance(book(sampler="random").sampler(cell), optuna.samplers.RandomSampler)
 
 
 def test_a_grid_cell_runs_each_point_once(tmp_path):
@@ -298,3 +429,47 @@ def test_a_trial_its_study_failed_stops_when_tune_runs_it_again(book):
     searcher.on_trial_complete("t0", None, error=True)  # told; Tune's save came before
     assert drive(book, scheduler, configs["t0"], 1, 0.5) == TrialScheduler.STOP
     assert book.trial(book.space.cells()[0], 0).state == TrialState.FAIL
+
+
+def pilot_search(tmp_path, finished: int, scheduler: str = "fifo"):
+    """A search folder whose study holds `finished` complete trials of 15 epochs each."""
+    import yaml
+
+    text = "fixed: {method: alignkd, eta_span: 0.3}\nparams:\n  alpha: {type: float, low: 0, " \
+           "high: 1}\n"
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    folder = tmp_path / "ray" / "pilot"
+    folder.mkdir(parents=True)
+    (folder / "search.yaml").write_text(yaml.safe_dump({
+        "name": "pilot", "space_name": "p", "space_source": "p.yaml", "space_text": text,
+        "overrides": {}, "epochs": 15, "scheduler": scheduler, "objective": "acc",
+        "sampler": "tpe", "optuna_storage": url}))
+    study = optuna.create_study(storage=url, study_name="pilot/all", direction="maximize")
+    dist = {"alpha": optuna.distributions.FloatDistribution(0, 1)}
+    for i in range(finished):
+        curve = {e: 0.04 * e + 0.01 * ((i * (16 - e)) % 5) for e in range(1, 16)}
+        study.add_trial(optuna.trial.create_trial(
+            params={"alpha": i / 10}, distributions=dist, value=curve[15],
+            intermediate_values=curve))
+    return tmp_path / "ray"
+
+
+def test_the_rung_tool_writes_its_measurement_and_refuses_too_few_trials(tmp_path, capsys):
+    from tuning.rungs import main as rungs_main
+
+    storage = pilot_search(tmp_path / "ok", 8)
+    out = tmp_path / "ok" / "rho.json"
+    assert rungs_main(["pilot", "--storage-path", str(storage), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["trials"] == 8 and set(result["rho_at"]) == {str(e) for e in range(1, 15)}
+    assert result["default_rungs"] == [14]  # ceil(14/15 x 15); eta settles at 0.3
+    assert "orders of arrival" in capsys.readouterr().out
+    for folder, n, scheduler, expect in ((tmp_path / "few", 4, "fifo", "has 4 finished"),
+                                         (tmp_path / "asha", 8, "asha", "ran asha")):
+        storage = pilot_search(folder, n, scheduler)
+        capsys.readouterr()
+        assert rungs_main(["pilot", "--storage-path", str(storage),
+                           "--out", str(folder / "rho.json")]) == 2
+        err = capsys.readouterr().err
+        assert expect in err and len(err.strip().splitlines()) == 1, err
+        assert not (folder / "rho.json").exists()

@@ -67,8 +67,15 @@ def test_trial_runs_hold_params_curves_tags_and_artifacts(searched):
         params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
         row = table[tags["ray_trial_id"]]
         # Named for a chart legend; its method's hyperparameters only, and its cell.
+        default = " · default" if row["default"] == "True" else ""
         assert run.info.run_name == (f"{params['method']} · digits · P18 · "
-                                     f"#{int(row['study_trial']):02d}")
+                                     f"#{int(row['study_trial']):02d}{default}")
+        assert tags["default_config"] == ("true" if default else "false")
+        # Each searched value under the name the space gives it (eta_span, not only the
+        # eta_epochs it sets), so that views over the space's parameters find it.
+        assert tags["searched"].split(", ") and all(
+            k in params for k in tags["searched"].split(", "))
+        assert "eta_span" in params and "eta_epochs" in params
         assert {"method", "dataset", "depth", "teacher_depth", "width", "teacher", "seed",
                 "lr", "weight_decay", "eta_kind", "momentum", "cell"} <= set(params)
         own = {"alignkd": {"alpha", "temperature", "feature_loss", "beta"}, "jointrd": {"lam"}}

@@ -80,7 +80,8 @@ def printed_links(root: Path, base: str) -> dict[str, str]:
     """The view links the search printed, pointed at this test's server."""
     text = (root / "console.txt").read_text()
     links = {}
-    for name, key in (("each cell's chosen trial", "chosen"), ("every trial, by cell", "trials")):
+    for name, key in (("each cell's chosen trial", "chosen"),
+                      ("every trial, best first", "trials")):
         match = re.search(rf"{re.escape(name)}:\s+(\S+)", text)
         assert match, f"the search did not print the link to {name!r}"
         links[key] = match.group(1).replace("http://127.0.0.1:5000", base)
@@ -100,6 +101,10 @@ def test_the_records_say_what_the_ui_shows_over_rest(searched, ui):
     chosen_view = json.loads(views["chosen"]["state"])
     assert chosen_view["searchFilter"] == "tags.chosen = 'true'"
     assert "metrics.`val/acc`" in chosen_view["selectedColumns"]
+    trials_view = json.loads(views["trials"]["state"])
+    assert "groupBy" not in trials_view  # a group's row would mix several trials' values
+    searched = [c for c in trials_view["selectedColumns"] if c.startswith("params.")]
+    assert "params.`eta_span`" in searched  # the space's own name for what it searched
     runs = api(ui, "runs/search", {"experiment_ids": [exp["experiment_id"]],
                                    "max_results": 100})["runs"]
     by_role = {}
@@ -107,8 +112,8 @@ def test_the_records_say_what_the_ui_shows_over_rest(searched, ui):
         run_tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
         by_role.setdefault(run_tags.get("role"), []).append((run, run_tags))
     names = sorted(r["info"]["run_name"] for r, _ in by_role["trial"])
-    assert names == ["alignkd · digits · P18 · #00", "alignkd · digits · P18 · #01",
-                     "alignkd · digits · P34 · #00", "alignkd · digits · P34 · #01"]
+    assert names == ["alignkd · digits · P18 · #00 · default", "alignkd · digits · P18 · #01",
+                     "alignkd · digits · P34 · #00 · default", "alignkd · digits · P34 · #01"]
     assert all(" · seed 1" in r["info"]["run_name"] for r, _ in by_role["replicate"])
     chosen = [r for r, t in by_role["trial"] if t.get("chosen") == "true"]
     assert len(chosen) == 2
@@ -144,9 +149,10 @@ def test_a_browser_opens_the_printed_links_on_the_runs_table(searched, ui, tmp_p
                     in text
             assert "val/acc" in text and "test/acc" in text  # visible without configuring
             page.goto(links["trials"])
-            page.wait_for_selector("text=Group: depth=34", timeout=180_000)
+            page.wait_for_selector("text=4 matching runs", timeout=180_000)
+            page.wait_for_selector("text=alignkd · digits · P34", timeout=60_000)
             text = page.inner_text("body")
-            assert "Group: depth=18" in text and "4 matching runs" in text
+            assert "Group:" not in text  # one row per trial: no row mixes several trials
             assert text.count("alignkd · digits · P") >= 4
         finally:
             browser.close()

@@ -1,9 +1,10 @@
 """`python -m tuning.replicate NAME`: replicate the finalists of a search that has finished.
 
 Each cell's chosen trial is trained again N times with new seeds (new initialization and data
-order, the same splits), as Ray Tune trials, tracked in MLflow under the search's parent run
-with a `replicate_of` tag; then the report is rebuilt. Interrupted, the same command
-continues the replicates where they stopped.
+order, the same splits), and so is its default configuration unless the search ran with
+`--baseline none`, all under the same seeds. They run as Ray Tune trials, tracked in MLflow
+under the search's parent run (tags `arm` and `replicate_of`); then the report is rebuilt.
+Interrupted, the same command continues the replicates where they stopped.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="the search to replicate")
     p.add_argument("--replicates", type=int, default=DEFAULTS["replicates"], metavar="N",
-                   help="runs per chosen trial, each with a new seed (default 3)")
+                   help="runs per chosen trial (and per default configuration), each with a "
+                        "new seed (default 3)")
     p.add_argument("--storage-path", default=DEFAULTS["storage_path"])
     p.add_argument("--tracking-uri", default=None, help="default: the search's own")
     p.add_argument("--address", help="join an existing Ray cluster (host:port or auto)")

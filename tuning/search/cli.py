@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from tuning import envvars
 from tuning.checkpoint import atomic_write_text
 from tuning.config import ConfigError, RunConfig, UserError
 from tuning.search import storage
+from tuning.search.results import parse_choose
+from tuning.search.schedule import search_rungs
 from tuning.search.space import RUN_KEYS, Space, load_space, parse_space
 from tuning.search.teachers import plan_teachers
 from tuning.search.tracking import check_reachable, default_tracking_uri
@@ -31,9 +34,10 @@ SMOKE_SETTINGS = {"epochs": 4, "teacher_epochs": 4, "num_samples": 3, "max_concu
 SETTINGS_FILE = "search.yaml"
 # Settings a resumed search keeps from its search.yaml; giving another value is refused.
 KEPT_ON_RESUME = ("num_samples", "max_concurrent", "epochs", "teacher_epochs", "seed",
-                  "scheduler", "objective", "gpus_per_trial", "cpus_per_trial", "replicates")
+                  "scheduler", "objective", "gpus_per_trial", "cpus_per_trial", "replicates",
+                  "baseline", "choose", "budget_epochs", "sampler_seed", "first_rung")
 DEFAULTS = {"num_samples": 20, "scheduler": "asha", "objective": "acc", "cpus_per_trial": 1.0,
-            "replicates": 3,
+            "replicates": 3, "baseline": "default", "choose": "best", "sampler": "tpe",
             "storage_path": "ray_results", "data_root": "datasets", "teacher_store": "teachers"}
 
 
@@ -62,6 +66,14 @@ def build_parser() -> Parser:
                    help="after the search, train each cell's chosen trial N more times with new "
                         "seeds, for the spread of its test accuracy (default 3, --smoke 2; "
                         "0: none)")
+    p.add_argument("--baseline", choices=("default", "none"), default=None,
+                   help="default: also train each cell's default configuration (the method's "
+                        "defaults, the paper's recipe) under the replicate seeds, for the "
+                        "tuning gain (tuned - default); none: do not")
+    p.add_argument("--budget-epochs", type=int, default=None, metavar="N",
+                   help="per cell, stop starting trials once they have spent (or, running, "
+                        "will spend) N epochs; --num-samples still caps the trials. Compares "
+                        "early stopping with FIFO at one cost")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the space's, or 200)")
     p.add_argument("--teacher-epochs", type=int, help="epochs per teacher (default: --epochs)")
     p.add_argument("--gpus-per-trial", type=float, default=None,
@@ -74,12 +86,26 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=None,
                    help="every trial's seed, like --set seed=N (default: the space's, or 0); "
                         "it also seeds the samplers")
+    p.add_argument("--sampler-seed", type=int, default=None, metavar="N",
+                   help="seed the samplers alone (default: --seed), to repeat a search with "
+                        "other proposals but the same trial seeds and teachers")
     p.add_argument("--scheduler", choices=("asha", "fifo"), default=None,
                    help="asha (default): successive halving within each cell, first rung at "
                         "the lr peak; fifo: no early stopping")
     p.add_argument("--objective", choices=("acc", "acc-time"), default=None,
                    help="acc (default): the last epoch's val accuracy; acc-time: the Pareto "
                         "front of val accuracy against training time, per cell")
+    p.add_argument("--choose", default=None, metavar="RULE",
+                   help="which trial a cell chooses: best (default: the highest val accuracy); "
+                        "with --objective acc-time also knee (the front's knee) or "
+                        "fastest-within:PP (the fastest trial of the front within PP "
+                        "percentage points of its best)")
+    p.add_argument("--first-rung", type=float, default=None, metavar="FRACTION",
+                   help="with asha: the fraction of training at which trials are first "
+                        "compared (default: the measured one, see `python -m tuning.rungs`); "
+                        "never before the space's lr and eta schedules settle")
+    p.add_argument("--sampler", choices=("tpe", "random"), default=None,
+                   help="how a sampled space proposes trials: tpe (default) or random")
     p.add_argument("--data-root", default=None,
                    help="where data sets are, and where a missing one is downloaded to, once, "
                         "before the trials (default ./datasets)")
@@ -165,6 +191,32 @@ def check_gpus(settings: dict[str, Any], address: str | None) -> None:
                         "the CPU, or join a cluster with GPUs (--address)")
 
 
+def check_choose(rule: str, objective: str) -> None:
+    """--choose names a rule, and one that the objective can apply."""
+    try:
+        name, _ = parse_choose(rule)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if name != "best" and objective != "acc-time":
+        raise UserError(f"--choose {rule} picks from a Pareto front of accuracy against time, "
+                        "which only --objective acc-time searches; add it, or drop --choose")
+
+
+def check_epoch_budget(settings: dict[str, Any], space: Space, budget_only: bool) -> None:
+    """--budget-epochs buys at least one whole trial; without --num-samples, the trials are
+    capped by what the budget could buy if every trial stopped at its first rung."""
+    budget, epochs = settings["budget_epochs"], settings["epochs"]
+    if budget < epochs:
+        raise UserError(f"--budget-epochs {budget} is less than one trial ({epochs} epochs); "
+                        f"pass at least {epochs}")
+    if space.kind != "sampled":
+        raise UserError("--budget-epochs applies to sampled spaces; a grid or fixed space "
+                        "runs each of its points once")
+    if budget_only:
+        rungs = search_rungs(space, settings)
+        settings["num_samples"] = math.ceil(budget / (rungs[0] if rungs else epochs))
+
+
 def check_count(n: int | None) -> None:
     if n is not None and n < 0:
         raise UserError(f"--replicates must be 0 (none) or more; got {n}")
@@ -229,8 +281,11 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.smoke:
         overrides = {**SMOKE, **overrides}
         settings.update({k: v for k, v in SMOKE_SETTINGS.items() if settings[k] is None})
-    for key in ("num_samples", "scheduler", "objective", "cpus_per_trial", "replicates"):
+    budget_only = settings["budget_epochs"] is not None and settings["num_samples"] is None
+    for key in ("num_samples", "scheduler", "objective", "cpus_per_trial", "replicates",
+                "baseline", "choose"):
         settings[key] = DEFAULTS[key] if settings[key] is None else settings[key]
+    check_choose(settings["choose"], settings["objective"])
     overrides["data_root"] = str(Path(args.data_root or DEFAULTS["data_root"]).resolve())
     if args.no_download:
         overrides["download"] = False
@@ -240,6 +295,11 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         overrides["epochs"] = settings["epochs"]
     fixed = space.with_fixed(overrides).fixed
     settings["seed"] = fixed.get("seed", RunConfig.seed)
+    first = settings["first_rung"]
+    if first is not None and not (math.isfinite(first) and 0 < first <= 1):
+        raise UserError(f"--first-rung must be a fraction of training in (0, 1]; got {first}")
+    if settings["sampler_seed"] is not None and settings["sampler_seed"] < 0:
+        raise UserError(f"--sampler-seed must be 0 or more; got {settings['sampler_seed']}")
     epochs = fixed.get("epochs", RunConfig.epochs)
     settings["epochs"] = epochs
     settings["teacher_epochs"] = settings["teacher_epochs"] or epochs
@@ -255,10 +315,13 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["gpus_per_trial"] = 1.0 if torch.cuda.is_available() else 0.0
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracking_uri = default_tracking_uri(args.tracking_uri)
-    sampler = {"grid": "grid", "fixed": "none"}.get(space.kind, "tpe")
+    sampler = {"grid": "grid", "fixed": "none"}.get(space.kind, args.sampler or "tpe")
     if sampler == "tpe" and settings["objective"] == "acc-time":
         sampler = "multi-objective tpe"
-    cells = space.with_fixed(overrides).cells()
+    searched = space.with_fixed(overrides)
+    cells = searched.cells()
+    if settings["budget_epochs"] is not None:
+        check_epoch_budget(settings, searched, budget_only)
     return {"name": name, "space_name": space.name, "space_source": space.source,
             "sampler": sampler, "tracking_uri": tracking_uri,
             "optuna_storage": args.optuna_storage or default_optuna_storage(tracking_uri),
@@ -494,6 +557,10 @@ def load_resume_settings(args: argparse.Namespace) -> dict[str, Any]:
                         f"{args.storage_path or DEFAULTS['storage_path']}; check --name "
                         "and --storage-path, or start it without --resume")
     settings = read_settings(path)
+    # A search saved before these settings existed ran as their defaults do.
+    for key, value in (("baseline", "default"), ("choose", "best"), ("budget_epochs", None),
+                       ("sampler_seed", None), ("first_rung", None)):
+        settings.setdefault(key, value)
     check_trusted(path.parent, args.name)
     if args.tracking_uri:
         settings["tracking_uri"] = args.tracking_uri
@@ -521,6 +588,10 @@ def load_resume_settings(args: argparse.Namespace) -> dict[str, Any]:
             flag = "--" + key.replace("_", "-")
             raise UserError(f"a resumed search keeps its settings ({SETTINGS_FILE}: {key} "
                             f"{settings.get(key)}); drop {flag} {given}, or start a new search")
+    if args.sampler and args.sampler not in settings.get("sampler", "tpe"):
+        raise UserError(f"a resumed search keeps its settings ({SETTINGS_FILE}: sampler "
+                        f"{settings.get('sampler')}); drop --sampler {args.sampler}, or start "
+                        "a new search")
     if args.optuna_storage and args.optuna_storage != settings["optuna_storage"]:
         raise UserError(f"search {args.name!r} keeps its studies in "
                         f"{settings['optuna_storage']}; drop --optuna-storage")

@@ -15,21 +15,26 @@ from ray import tune
 
 from tuning import report
 from tuning.checkpoint import atomic_write_text
-from tuning.config import UserError
+from tuning.config import RunConfig, UserError
 from tuning.search import results as res
 from tuning.search import storage, tracking
 from tuning.search.cells import Cell
 from tuning.search.recorder import DRIVER_HTTP, repair_runs, use_http_settings
 from tuning.search.replicates import COLUMNS as REPLICATE_COLUMNS
-from tuning.search.replicates import run_replicates
+from tuning.search.replicates import replicate_seeds, run_replicates, same_recipe
 from tuning.search.replicates import write_rows as write_replicates
 from tuning.search.results import error_reason
-from tuning.search.space import Space
+from tuning.search.schedule import (
+    FIRST_RUNG_FRACTION,
+    REDUCTION_FACTOR,
+    search_rungs,
+    settled_fraction,
+)
+from tuning.search.space import Space, cell_defaults
 from tuning.search.studies import (
     CellScheduler,
     CellSearcher,
     StudyBook,
-    default_rungs,
     mark_lost,
     tell,
 )
@@ -42,7 +47,6 @@ from tuning.search.trainable import (
 )
 
 SETTINGS_NAME = "search.yaml"
-REDUCTION_FACTOR = 2  # successive halving keeps the top half of a cell at each rung
 
 
 def ensure_ray(address: str | None) -> bool:
@@ -207,17 +211,6 @@ def train_teachers(space: Space, settings: dict[str, Any]) -> list[str]:
     return paths
 
 
-def scheduler_rungs(space: Space, settings: dict[str, Any]) -> tuple[int, ...]:
-    """The epochs at which a cell's trials are compared; none under FIFO.
-
-    Grid and fixed spaces run FIFO: their points are settings to measure, not candidates.
-    """
-    if settings["scheduler"] == "fifo" or settings["objective"] == "acc-time" or \
-            space.kind != "sampled":
-        return ()
-    return default_rungs(space, settings["epochs"], REDUCTION_FACTOR)
-
-
 def make_trainable(context: SearchContext, settings: dict[str, Any]):
     resources = {"cpu": settings["cpus_per_trial"], "gpu": settings["gpus_per_trial"]}
     return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
@@ -306,13 +299,58 @@ def interrupted(grid) -> list[str]:
     return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]  # Ray's
 
 
-def short_cells(book: StudyBook, cells: list[Cell], budget: int) -> list[str]:
-    """Cells without their whole budget of ended trials. Tune returns from an interrupted run
-    (Ctrl-C) as from a finished one, and a trial it stopped on the way out can look ended:
-    only the studies know whether every cell got its budget."""
+def short_cells(book: StudyBook, cells: list[Cell], epochs: int) -> list[str]:
+    """Cells that could still have taken a trial: under their trial cap and within their
+    epoch budget. Tune returns from an interrupted run (Ctrl-C) as from a finished one, and a
+    trial it stopped on the way out can look ended: only the studies know whether every cell
+    got its budget."""
     return [c.key for c in cells
-            if sum(t.state != optuna.trial.TrialState.RUNNING for t in book.counted(c))
-            < budget]
+            if any(t.state == TrialState.RUNNING for t in book.counted(c))
+            or book.is_open(c, epochs)]
+
+
+def stopping_words(space: Space, settings: dict[str, Any], rungs: tuple[int, ...]) -> str:
+    """What the console says of early stopping: its rungs, or why there are none."""
+    if rungs:
+        return f"at epochs {', '.join(map(str, rungs))}, within each cell"
+    if settings["scheduler"] == "asha" and settings["objective"] == "acc" and \
+            space.kind == "sampled":
+        first = max(settings.get("first_rung") or FIRST_RUNG_FRACTION,
+                    settled_fraction(space, settings["epochs"]))
+        return (f"none: the first rung would be at {first:.2f} of training, and "
+                f"{settings['epochs']} epochs leave no epoch before the last there")
+    return "none (FIFO)"
+
+
+def study_book(settings: dict[str, Any], space: Space) -> StudyBook:
+    """The search's studies, with its sampler and budgets."""
+    seed = settings.get("sampler_seed")
+    return StudyBook(settings["optuna_storage"], settings["name"], space,
+                     seed=settings["seed"] if seed is None else seed,
+                     multi_objective=settings["objective"] == "acc-time",
+                     budget=settings["num_samples"],
+                     sampler="random" if "random" in settings.get("sampler", "") else "tpe",
+                     concurrent=settings.get("max_concurrent", 0) != 1,
+                     epoch_budget=settings.get("budget_epochs") or 0)
+
+
+def pareto_fronts(book: StudyBook, cells: list[Cell]) -> dict[str, set[int]] | None:
+    """Each cell's Pareto front of accuracy against time, as its study computes it; None for a
+    single objective."""
+    if not book.multi_objective:
+        return None
+    return {c.key: {t.number for t in book.study(c).best_trials} for c in cells}
+
+
+def warn_thin_cells(rows: list[dict[str, Any]], cells: list[Cell]) -> None:
+    """A cell with fewer than 2 completed trials chose between nothing: say so."""
+    done = res.by_cell(res.completed(rows))
+    for cell in cells:
+        n = len(done.get(cell.key, []))
+        if n < 2:
+            print(f"warning: cell {cell.key} ended with {n} completed trial(s); its chosen "
+                  "configuration was not compared with any other to the end. Give it more "
+                  "--num-samples (or --scheduler fifo)", flush=True)
 
 
 def measure_tests(book: StudyBook, cells: list[Cell], chosen: dict[str, dict[str, Any]],
@@ -366,16 +404,53 @@ def run_maker(tracker: tracking.Tracker, context: SearchContext):
     return start
 
 
+def default_config(context: SearchContext, cell_key: str) -> RunConfig:
+    """The cell's default configuration (its baseline) as a trial of the search would run it."""
+    cell = next(c for c in context.space.cells() if c.key == cell_key)
+    return context.run_config({"cell": cell.key, **cell.as_dict(),
+                               **cell_defaults(context.space, cell).values})
+
+
+def replicate_arms(context: SearchContext, finals: list[dict[str, Any]],
+                   baseline: bool) -> list[dict[str, Any]]:
+    """Each cell's tuned arm (its chosen trial) and, with a baseline, its default arm; a cell
+    whose chosen configuration is its default trains it once."""
+    arms = []
+    for final in finals:
+        arms.append({**final, "arm": "tuned"})
+        if baseline:
+            default = default_config(context, final["cell"])
+            if not same_recipe(default, final["config"]):
+                arms.append({"cell": final["cell"], "arm": "default", "config": default})
+    return arms
+
+
+def concurrency(settings: dict[str, Any]) -> str:
+    """How many runs the replicate phase trains at once, and with what: the condition its
+    times were taken under."""
+    have = ray.cluster_resources()
+    slots = math.floor(have.get("CPU", 0) / settings["cpus_per_trial"])
+    if settings["gpus_per_trial"]:
+        slots = min(slots, math.floor(have.get("GPU", 0) / settings["gpus_per_trial"]))
+    if settings.get("max_concurrent"):
+        slots = min(slots, settings["max_concurrent"])
+    gpu = f", {settings['gpus_per_trial']:g} GPU" if settings["gpus_per_trial"] else ""
+    return f"{max(1, slots)} at a time, {settings['cpus_per_trial']:g} CPU{gpu} each"
+
+
 def replicate_phase(settings: dict[str, Any], context: SearchContext, tracker: tracking.Tracker,
-                    chosen: list[dict[str, Any]], folder: Path,
+                    finals: list[dict[str, Any]], folder: Path,
                     records: Records | None = None) -> list[dict[str, Any]] | None:
-    """Train each chosen trial again with new seeds (settings["replicates"] times); None when
-    interrupted."""
+    """Train each cell's chosen configuration, and its default one (unless `baseline` is
+    none), again under the search's replicate seeds; None when interrupted."""
     records = records or Records()
     t0 = time.perf_counter()
-    total = settings["replicates"] * len(chosen)
-    rows = run_replicates(settings, context, chosen, settings["replicates"],
-                          callbacks=run_callbacks(tracker, context, settings["epochs"], total))
+    arms = replicate_arms(context, finals, settings.get("baseline", "default") != "none")
+    seeds = replicate_seeds(settings["seed"], settings["replicates"])
+    rows = run_replicates(settings, context, arms, seeds,
+                          callbacks=run_callbacks(tracker, context, settings["epochs"],
+                                                  len(arms) * len(seeds)),
+                          concurrency=concurrency(settings))
     if rows is None:
         return None
     for row in rows:
@@ -385,11 +460,12 @@ def replicate_phase(settings: dict[str, Any], context: SearchContext, tracker: t
     records("close the runs of unrecorded replicates", close_unrecorded_runs, tracker, rows,
             role="replicate")
     write_replicates(rows, folder)
-    print("\nreplicates (the chosen trials again, with new seeds; test accuracy measured once "
-          "each)")
+    print(f"\nreplicates (seeds {', '.join(map(str, seeds))}; arm tuned: each cell's chosen "
+          "configuration, arm default: its default one; test accuracy measured once each)")
     print(res.table_text(rows, [c for c in REPLICATE_COLUMNS if c != "error"]))
     seconds = time.perf_counter() - t0
-    print(f"replicate phase: {seconds:.0f} s", flush=True)
+    print(f"replicate phase: {seconds:.0f} s ({rows[0]['concurrency'] if rows else ''})",
+          flush=True)
     return rows
 
 
@@ -421,9 +497,7 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
     tracking.save_views(tracker, [p.name for p in space.params] + list(space.grid),
                         list(space.dims))
     cells = space.cells()
-    book = StudyBook(settings["optuna_storage"], settings["name"], space, seed=settings["seed"],
-                     multi_objective=settings["objective"] == "acc-time",
-                     budget=settings["num_samples"])
+    book = study_book(settings, space)
     use_http_settings(DRIVER_HTTP)  # after Ray started: the workers set their own
     t_start = time.perf_counter()
     status = "KILLED"
@@ -432,7 +506,7 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
         teacher_runs = {p: tracking.teacher_run(tracker.uri, local_teacher_dir(p), commit)
                         for p in teachers}
         experiment = f"{settings['storage_path'].rstrip('/')}/{settings['name']}"
-        rungs = scheduler_rungs(space, settings)
+        rungs = search_rungs(space, settings)
         context = SearchContext(space=space, teacher_store=settings["teacher_store"],
                                 teacher_epochs=settings["teacher_epochs"],
                                 search_name=settings["name"], tracker=tracker,
@@ -441,9 +515,10 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
         trainable = make_trainable(context, settings)
         budget = space.cell_budget(settings["num_samples"])
         print(tracking.where_to_look(tracker, settings["optuna_storage"]), flush=True)
-        print(f"cells: {len(cells)}, {budget} trials each ({', '.join(c.label for c in cells)})"
-              f"; early stopping: " + (f"at epochs {', '.join(map(str, rungs))}, within each "
-                                       "cell" if rungs else "none (FIFO)") +
+        each = (f"up to {budget} trials or {book.epoch_budget} epochs" if book.epoch_budget
+                else f"{budget} trials")
+        print(f"cells: {len(cells)}, {each} each ({', '.join(c.label for c in cells)})"
+              f"; early stopping: {stopping_words(space, settings, rungs)}"
               f"; studies in {settings['optuna_storage']}", flush=True)
         if resume and tune.Tuner.can_restore(experiment):
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
@@ -468,11 +543,12 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                     failure_config=tune.FailureConfig(max_failures=2), verbose=0,
                     callbacks=run_callbacks(tracker, context, settings["epochs"],
-                                            budget * len(cells))),
+                                            book.expected_trials(settings["epochs"])
+                                            * len(cells))),
             )
         grid = tuner.fit()
         unfinished = interrupted(grid)
-        if unfinished or short_cells(book, cells, budget):
+        if unfinished or short_cells(book, cells, settings["epochs"]):
             mark_interrupted(tracker, unfinished)
             what = (f"with {len(unfinished)} trial(s) unfinished" if unfinished
                     else "before every cell had its trials")
@@ -494,8 +570,12 @@ def run_search(settings: dict[str, Any], space: Space, *, address: str | None, r
             print(f"tracking: {repaired['created']} run(s) created and "
                   f"{repaired['epochs_added']} epoch(s) logged from the trials' checkpoints")
         settle_studies(book, cells, rows, settings["epochs"])
-        res.mark_pareto(rows)
-        chosen = res.choose(rows)
+        fronts = pareto_fronts(book, cells)
+        res.mark_pareto(rows, fronts)
+        chosen = res.choose(rows, settings.get("choose", "best"), fronts)
+        warn_thin_cells(rows, cells)
+        for key, row in chosen.items():
+            row["_default_config"] = same_recipe(row["_config"], default_config(context, key))
         measure_tests(book, cells, chosen, settings)
         configs = {}
         for cell_key, row in chosen.items():

@@ -1,8 +1,17 @@
-"""Replicated finalists: each cell's chosen trial trained again with new seeds.
+"""Replicates: each cell's chosen configuration, and its default one, trained with new seeds.
 
-A replicate differs from the trial it repeats only in its seed (so its initialization and
-data order), never in its splits (split_seed is kept). Replicates run as Ray Tune trials of a
-second experiment, `<search>/replicates`, in parallel and resumable like any trial; each
+A replicate differs from the run it repeats only in its seed (so its initialization and data
+order), never in its splits (split_seed is kept) or its teacher. Two arms per cell:
+
+- `tuned`: the cell's chosen trial's configuration;
+- `default`: the method's default configuration in that cell (the baseline; `--baseline
+  none` leaves it out). Where the search chose the default itself, the tuned arm is also the
+  default arm, and it is trained once.
+
+Every arm of every cell runs under the same seeds (the search's seed + 1 .. + n), so that
+arms of one data set x depth pair up by seed. The runs are interleaved seed by seed, so that
+every arm trains under the same load and its times compare. Replicates run as Ray Tune trials
+of a second experiment, `<search>/replicates`, in parallel and resumable like any trial; each
 measures its test accuracy once, after its last epoch, and chooses nothing.
 """
 
@@ -23,20 +32,37 @@ from tuning.search.results import error_reason, trial_status, write_csv
 from tuning.search.trainable import KEEP_CHECKPOINTS, SearchContext
 
 EXPERIMENT = "replicates"
-COLUMNS = ["cell", "replicate", "seed", "trial_id", "replicate_of", "status", "val_acc",
-           "test_acc", "train_time", "epochs", "error"]
+COLUMNS = ["cell", "arm", "replicate", "seed", "trial_id", "replicate_of", "status", "val_acc",
+           "test_acc", "train_time", "epochs", "concurrency", "error"]
+ARMS = ("tuned", "default")
 
 
-def replicate_trials(chosen: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """Tune configs of n replicates per chosen trial: seeds seed+1 .. seed+n."""
+def replicate_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of n replicates: the same for every cell and arm of a search."""
+    return [seed + i for i in range(1, n + 1)]
+
+
+def same_recipe(a: RunConfig, b: RunConfig) -> bool:
+    """Whether two configs train the same thing but for their seed."""
+    def strip(c: RunConfig) -> dict[str, Any]:
+        return {k: v for k, v in c.to_dict().items() if k not in ("seed", "extra")}
+    return strip(a) == strip(b)
+
+
+def replicate_trials(arms: list[dict[str, Any]], seeds: list[int],
+                     concurrency: str = "") -> list[dict[str, Any]]:
+    """Tune configs of every arm at every seed, seed by seed (replicate 1 of every arm, then
+    replicate 2, ...), so that the arms share the machine alike."""
     out = []
-    for c in chosen:
-        cfg: RunConfig = c["config"]
-        for i in range(1, n + 1):
-            out.append({"cell": c["cell"], "replicate": i, "replicate_of": c["trial_id"],
-                        "replicate_of_run": c.get("run_id") or "",
-                        "replicate_of_number": c.get("study_trial", ""),
-                        "config": {**cfg.to_dict(), "seed": cfg.seed + i}})
+    for i, seed in enumerate(seeds, 1):
+        for a in arms:
+            cfg: RunConfig = a["config"]
+            out.append({"cell": a["cell"], "arm": a.get("arm", "tuned"), "replicate": i,
+                        "replicate_of": a.get("trial_id", ""),
+                        "replicate_of_run": a.get("run_id") or "",
+                        "replicate_of_number": a.get("study_trial", ""),
+                        "concurrency": concurrency,
+                        "config": {**cfg.to_dict(), "seed": seed}})
     return out
 
 
@@ -71,15 +97,16 @@ def experiment_path(settings: dict[str, Any]) -> str:
 
 
 def run_replicates(settings: dict[str, Any], context: SearchContext,
-                   chosen: list[dict[str, Any]], n: int, callbacks: list) -> list[dict] | None:
-    """Train (or continue) the replicates of every chosen trial; one row per replicate, or
-    None when the phase was interrupted (Tune saved its state to resume from)."""
+                   arms: list[dict[str, Any]], seeds: list[int], callbacks: list,
+                   concurrency: str = "") -> list[dict] | None:
+    """Train (or continue) every arm's replicates; one row per replicate, or None when the
+    phase was interrupted (Tune saved its state to resume from)."""
     from tuning.search.driver import make_trainable
 
     path = experiment_path(settings)
     context = dataclasses.replace(context, experiment_path=path, evaluate_test=True, rungs=())
     trainable = make_trainable(context, settings)
-    configs = replicate_trials(chosen, n)
+    configs = replicate_trials(arms, seeds, concurrency)
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -88,7 +115,8 @@ def run_replicates(settings: dict[str, Any], context: SearchContext,
             trainable,
             tune_config=tune.TuneConfig(search_alg=FixedTrials(configs),
                                         scheduler=FIFOScheduler(), num_samples=-1,
-                                        reuse_actors=True),
+                                        max_concurrent_trials=settings.get("max_concurrent")
+                                        or None, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
@@ -105,17 +133,22 @@ def run_replicates(settings: dict[str, Any], context: SearchContext,
         metrics = result.metrics or {}
         cfg = RunConfig(**sample["config"])
         epochs = int(metrics.get("epoch", 0))
-        rows.append({"cell": sample["cell"], "replicate": sample["replicate"], "seed": cfg.seed,
+        status = trial_status(result.error, epochs, cfg.epochs, metrics.get("failed"))
+        test_acc = metrics.get("test_acc", math.nan)
+        error = error_reason(result.error) if result.error else metrics.get("failed") or ""
+        if status == "COMPLETED" and not math.isfinite(test_acc):
+            # A run that ended without a test figure (its loss or evaluation went NaN) is a
+            # failed replicate, counted as one, not a figure silently left out.
+            status, error = "FAILED", error or "no finite test accuracy"
+        rows.append({"cell": sample["cell"], "arm": sample.get("arm", "tuned"),
+                     "replicate": sample["replicate"], "seed": cfg.seed,
                      "trial_id": metrics.get("trial_id", ""),
-                     "replicate_of": sample["replicate_of"],
-                     "status": trial_status(result.error, epochs, cfg.epochs,
-                                            metrics.get("failed")),
-                     "val_acc": metrics.get("val_acc", math.nan),
-                     "test_acc": metrics.get("test_acc", math.nan),
+                     "replicate_of": sample["replicate_of"], "status": status,
+                     "val_acc": metrics.get("val_acc", math.nan), "test_acc": test_acc,
                      "train_time": metrics.get("train_time", math.nan), "epochs": epochs,
-                     "error": error_reason(result.error) if result.error else
-                     metrics.get("failed") or "", "_result": result, "_config": cfg})
-    return sorted(rows, key=lambda r: (r["cell"], r["replicate"]))
+                     "concurrency": sample.get("concurrency", ""),
+                     "error": error, "_result": result, "_config": cfg})
+    return sorted(rows, key=lambda r: (r["cell"], ARMS.index(r["arm"]), r["replicate"]))
 
 
 def write_rows(rows: list[dict[str, Any]], folder: Path) -> Path:

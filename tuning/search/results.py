@@ -77,18 +77,12 @@ def completed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["status"] == "COMPLETED" and math.isfinite(r["val_acc"])]
 
 
-def mark_pareto(rows: list[dict[str, Any]]) -> None:
-    """Flag, within each cell, the completed trials no other beats on both val accuracy and
-    training time. A trial stopped early is never on the front: its short time is the
-    scheduler's doing, not its speed."""
+def mark_pareto(rows: list[dict[str, Any]], fronts: dict[str, set[int]] | None) -> None:
+    """Flag each trial on its cell's Pareto front of val accuracy against training time, as
+    its multi-objective study computes it (`fronts`: cell -> study trial numbers). Without
+    fronts (a single objective), the column is empty: no front was searched."""
     for r in rows:
-        r["pareto"] = False
-    for cell_rows in by_cell(completed(rows)).values():
-        for r in cell_rows:
-            r["pareto"] = not any(
-                o["val_acc"] >= r["val_acc"] and o["train_time"] <= r["train_time"]
-                and (o["val_acc"] > r["val_acc"] or o["train_time"] < r["train_time"])
-                for o in cell_rows)
+        r["pareto"] = "" if fronts is None else r["study_trial"] in fronts.get(r["cell"], set())
 
 
 def by_cell(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -98,13 +92,65 @@ def by_cell(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def choose(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each cell's chosen trial: the completed trial with the highest last-epoch validation
-    accuracy (ties: the faster, then the earlier). Marks it `chosen`."""
+CHOOSE_RULES = ("best", "knee", "fastest-within:PP")
+
+
+def parse_choose(text: str) -> tuple[str, float]:
+    """`best`, `knee` or `fastest-within:PP` -> (rule, PP); ValueError says what is wrong."""
+    if text in ("best", "knee"):
+        return text, 0.0
+    rule, sep, value = text.partition(":")
+    if rule == "fastest-within" and sep:
+        try:
+            pp = float(value)
+        except ValueError:
+            pp = math.nan
+        if math.isfinite(pp) and pp >= 0:
+            return rule, pp
+        raise ValueError(f"--choose fastest-within:PP needs PP, percentage points of "
+                         f"validation accuracy, as a number >= 0; got {value!r}")
+    raise ValueError(f"--choose must be best, knee or fastest-within:PP (e.g. "
+                     f"fastest-within:0.5); got {text!r}")
+
+
+def _knee(front: list[dict[str, Any]]) -> dict[str, Any]:
+    """The front's point farthest from the line between its fastest and its most accurate
+    point, both axes scaled to the front's range (the point of diminishing returns)."""
+    fast = min(front, key=lambda r: (r["train_time"], _number(r["study_trial"])))
+    best = max(front, key=lambda r: (r["val_acc"], -_number(r["study_trial"])))
+    dt = best["train_time"] - fast["train_time"] or 1.0
+    da = best["val_acc"] - fast["val_acc"] or 1.0
+
+    def distance(r: dict[str, Any]) -> float:
+        x, y = (r["train_time"] - fast["train_time"]) / dt, (r["val_acc"] - fast["val_acc"]) / da
+        return y - x  # above the diagonal from (0, 0) to (1, 1): more accuracy than time
+
+    return max(front, key=lambda r: (round(distance(r), 12), -_number(r["study_trial"])))
+
+
+def choose(rows: list[dict[str, Any]], rule: str = "best",
+           fronts: dict[str, set[int]] | None = None) -> dict[str, dict[str, Any]]:
+    """Each cell's chosen trial among its completed trials; marks it `chosen`.
+
+    - `best`: the highest last-epoch validation accuracy. A tie goes to the lower study trial
+      number, so the default configuration (each sampled cell's trial 0) is chosen unless
+      another beats it.
+    - `knee` (multi-objective): the knee of the cell's Pareto front (`_knee`).
+    - `fastest-within:PP` (multi-objective): the fastest trial of the front whose accuracy
+      is within PP percentage points of the front's best.
+    """
+    name, pp = parse_choose(rule)
     chosen = {}
     for cell, cell_rows in by_cell(completed(rows)).items():
-        best = max(cell_rows, key=lambda r: (r["val_acc"], -r["train_time"],
-                                             -_number(r["study_trial"])))
+        front = [r for r in cell_rows if fronts and r["study_trial"] in fronts.get(cell, set())]
+        if name == "best" or not front:
+            best = max(cell_rows, key=lambda r: (r["val_acc"], -_number(r["study_trial"])))
+        elif name == "knee":
+            best = _knee(front)
+        else:
+            top = max(r["val_acc"] for r in front)
+            near = [r for r in front if r["val_acc"] >= top - pp / 100 - 1e-12]
+            best = min(near, key=lambda r: (r["train_time"], _number(r["study_trial"])))
         best["chosen"] = True
         chosen[cell] = best
     return chosen

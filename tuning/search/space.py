@@ -40,7 +40,8 @@ EXTRA_KEYS = {"eta_span"}
 ALIASES = {"eta_epochs": "eta_span", "eta_span": "eta_epochs"}
 # The search's own budget and bookkeeping: set with --epochs, never searched or run across.
 NOT_SEARCHABLE = {"epochs", "device", "data_root", "checkpoint_interval_s"}
-META_KEYS = ("cell", "study_trial")  # what a trial's Tune config carries besides run values
+META_KEYS = ("cell", "study_trial", "default")  # what a trial's Tune config carries besides
+# its run values; `default` marks the cell's default configuration
 
 
 class SpaceError(ConfigError):
@@ -430,6 +431,90 @@ def _decaying(p: Param, chosen: dict[str, Any]) -> tuple[float, float]:
         low = max(low, chosen["eta_end"])
         high = max(high, low)
     return low, high
+
+
+# The paper's eta schedule spans 60 of its 200 epochs; a space searches that span as a
+# fraction of training, so its default is the same fraction at any budget.
+DEFAULT_ETA_SPAN = RunConfig.eta_epochs / RunConfig.epochs
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """A cell's default configuration in the space's own terms.
+
+    `values`: what `tuning.train` runs without flags for every parameter the cell searches
+    (the method's defaults: the paper's recipe), with eta's span as the paper's fraction.
+    `enqueued`: the same, moved into the space where its ranges or choices exclude a value;
+    `clipped` says which, as "name: default -> enqueued".
+    """
+
+    values: dict[str, Any]
+    enqueued: dict[str, Any]
+    clipped: tuple[str, ...] = ()
+
+
+def default_value(name: str, values: dict[str, Any]) -> Any:
+    """The value a run takes for `name` when nothing sets it, given the values that are set
+    (its cell and the space's fixed values); None where none applies."""
+    from tuning.config import METHOD_DEFAULTS
+
+    method = values.get("method", RunConfig.method)
+    if name == "eta_span":
+        return DEFAULT_ETA_SPAN
+    if name == "teacher_depth":  # a teacher as deep as its student
+        return values.get("teacher_depth") or values.get("depth", RunConfig.depth)
+    if name in ("alpha", "temperature") and values.get(name) is None:
+        return METHOD_DEFAULTS.get(method, {}).get(name)
+    if name == "beta" and values.get("beta") is None:
+        from losses import DEFAULT_BETA
+
+        return DEFAULT_BETA[values.get("feature_loss", RunConfig.feature_loss)]
+    if name == "block":
+        return values.get("block") or ("dirac" if values.get("dirac") else "plain")
+    if name == "dirac" and values.get("dirac") is None:
+        return values.get("block") == "dirac"
+    return values.get(name, getattr(RunConfig, name))
+
+
+def cell_defaults(space: Space, cell: Cell) -> Defaults:
+    """The default configuration of `cell`: each of its active parameters at its default."""
+    base = trial_values(space, cell.as_dict())
+    values: dict[str, Any] = {}
+    enqueued: dict[str, Any] = {}
+    clipped: list[str] = []
+    chosen: dict[str, Any] = {**space.fixed, **cell.as_dict()}
+    for key, options in space.grid.items():
+        values[key] = default_value(key, base)
+        enqueued[key] = _inside(values[key], Param(key, "choice", values=options), clipped)
+    for p in space.params:
+        if not p.active({**chosen, **enqueued}):
+            continue
+        value = default_value(p.name, {**base, **enqueued})
+        if value is None:
+            continue  # nothing to default to: the sampler proposes it
+        values[p.name] = value
+        narrowed = Param(p.name, p.type, *_decaying(p, {**chosen, **enqueued}), log=p.log,
+                         values=p.values)
+        enqueued[p.name] = _inside(value, narrowed, clipped)
+    return Defaults(values, enqueued, tuple(clipped))
+
+
+def _inside(value: Any, p: Param, clipped: list[str]) -> Any:
+    """`value` if the parameter's space holds it, else the nearest value it holds."""
+    if p.type == "choice":
+        if value in p.values:
+            return value
+        numeric = [v for v in p.values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        inside = (min(numeric, key=lambda v: abs(v - value)) if numeric and isinstance(
+            value, (int, float)) and not isinstance(value, bool) else p.values[0])
+    else:
+        inside = min(max(value, p.low), p.high)
+        if p.type == "int":
+            inside = int(round(inside))
+        if inside == value:
+            return value
+    clipped.append(f"{p.name}: {value!r} -> {inside!r}")
+    return inside
 
 
 def grid_points(space: Space) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from tuning.search.cells import Cell, study_name
-from tuning.search.space import Space, SpaceSampler, grid_points
+from tuning.search.schedule import promotes
+from tuning.search.space import Space, SpaceSampler, cell_defaults, grid_points
 
 RAY_ID = "ray_trial_id"
 LOST = "lost"
@@ -36,55 +38,38 @@ METRIC = "val_acc"  # selection: the last epoch's validation accuracy, the teste
 TIME_METRIC = "train_time"
 
 
-def rung_epochs(epochs: int, pct_start: float, reduction_factor: int) -> tuple[int, ...]:
-    """ASHA's rungs: the first at the first epoch ending at or after OneCycle's lr peak,
-    then every `reduction_factor` times later, before the last epoch.
-
-    Judging a trial while its lr still rises would favour low learning rates.
-    """
-    first = max(1, math.ceil(pct_start * epochs - 1e-9))
-    rungs, r = [], first
-    while r < epochs:
-        rungs.append(r)
-        r *= reduction_factor
-    return tuple(rungs)
-
-
-def default_rungs(space: Space, epochs: int, reduction_factor: int) -> tuple[int, ...]:
-    """The rungs of a space: after the latest lr peak any of its trials can have."""
-    from tuning.config import RunConfig
-
-    peaks = [*space.values_of("pct_start"),
-             *(p.high for p in space.params if p.name == "pct_start" and p.type != "choice")]
-    return rung_epochs(epochs, max(peaks or [RunConfig.pct_start]), reduction_factor)
-
-
-def promotes(value: float, compared: list[float], reduction_factor: int) -> bool:
-    """Successive halving's rule: a trial goes on when it is in the top 1/reduction_factor of
-    the values recorded at its rung (its own included), and always when it is the first."""
-    ranked = sorted((v for v in compared if not math.isnan(v)), reverse=True)
-    if math.isnan(value):
-        return not ranked
-    keep = max(1, len(ranked) // reduction_factor)
-    return value >= ranked[keep - 1]
-
-
 def cell_seed(seed: int, cell: Cell) -> int:
     return int(hashlib.sha256(f"{seed}/{cell.key}".encode()).hexdigest()[:8], 16)
 
 
+DEFAULT = "default"  # the user attribute of each cell's enqueued default configuration
+OBJECTIVES = {False: ["val_acc"], True: ["val_acc", "train_time"]}  # the studies' metric names
+
+
 class StudyBook:
-    """The cells' studies, opened lazily: the object pickles with its settings alone."""
+    """The cells' studies, opened lazily: the object pickles with its settings alone.
+
+    `budget` caps a cell's trials; `epoch_budget` (0: none) caps the epochs its trials may
+    spend, counting a running trial at its full length, so that strategies that stop trials
+    early can be compared with those that do not at the same cost.
+    """
 
     def __init__(self, storage: str, search: str, space: Space, *, seed: int,
-                 multi_objective: bool, budget: int) -> None:
+                 multi_objective: bool, budget: int, sampler: str = "tpe",
+                 concurrent: bool = True, epoch_budget: int = 0) -> None:
         self.storage_url, self.search, self.space = storage, search, space
         self.seed, self.multi_objective, self.budget = seed, multi_objective, budget
+        self.sampler_kind, self.concurrent, self.epoch_budget = sampler, concurrent, epoch_budget
         self._studies: dict[str, optuna.Study] = {}
         self._storage = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_studies": {}, "_storage": None}
+
+    def __setstate__(self, state: dict) -> None:
+        # A searcher pickled before these settings existed resumes with their old behaviour.
+        self.__dict__.update({"sampler_kind": "tpe", "concurrent": True, "epoch_budget": 0,
+                              **state})
 
     @property
     def storage(self):
@@ -95,33 +80,53 @@ class StudyBook:
     def directions(self) -> list[str]:
         return ["maximize", "minimize"] if self.multi_objective else ["maximize"]
 
-    def sampler(self, cell: Cell, asked: int = 0) -> optuna.samplers.BaseSampler:
+    def expected_trials(self, epochs: int) -> int:
+        """The trials a cell is expected to run: its cap, or what its epoch budget buys."""
+        if self.epoch_budget:
+            return min(self.budget, max(1, self.epoch_budget // epochs))
+        return self.budget
+
+    def sampler(self, cell: Cell, asked: int = 0, epochs: int = 0) -> optuna.samplers.BaseSampler:
         """The cell's sampler, seeded by the search's seed, the cell and the trials it has
         already asked, so that a resumed driver does not replay its first proposals."""
         seed = cell_seed(self.seed, cell) + asked
-        if self.space.kind != "sampled":
-            # Nothing to sample: a grid's points are queued in the study (see `study`), and a
-            # space of fixed settings has none.
+        if self.space.kind != "sampled" or self.sampler_kind == "random":
+            # A grid's points are queued in the study (see `study`), and a space of fixed
+            # settings has none; random search is asked for by name.
             return optuna.samplers.RandomSampler(seed=seed)
         # TPE (multi-objective TPE for acc-time); its random start-up is at most half the
-        # cell's budget, so that a small budget still gets model-based proposals.
-        startup = max(1, min(10, self.budget // 2))
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+        # cell's budget, so that a small budget still gets model-based proposals. With trials
+        # running at once, each running trial counts as a poor result until it reports
+        # (constant liar), so that concurrent proposals spread out instead of repeating.
+        trials = self.expected_trials(epochs) if epochs else self.budget
+        startup = max(1, min(10, trials // 2))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup,
+                                          constant_liar=self.concurrent)
 
-    def study(self, cell: Cell) -> optuna.Study:
+    def study(self, cell: Cell, epochs: int = 0) -> optuna.Study:
         if cell.key not in self._studies:
             study = optuna.create_study(
                 storage=self.storage, study_name=study_name(self.search, cell),
                 directions=self.directions(), load_if_exists=True)
             trials = study.get_trials(deepcopy=False)
-            study.sampler = self.sampler(cell, asked=len(trials))
+            study.sampler = self.sampler(cell, asked=len(trials), epochs=epochs)
             if not trials and not study.user_attrs:
                 study.set_user_attr("search", self.search)
                 study.set_user_attr("cell", cell.as_dict())
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names(OBJECTIVES[self.multi_objective])
                 # A grid is run point by point from the study's queue, in order, so that a
                 # point lost with a killed driver can be queued again (never skipped).
                 for point in grid_points(self.space):
                     study.enqueue_trial(point)
+                if self.space.kind == "sampled":
+                    # The search starts from the method's defaults (the paper's recipe): any
+                    # other configuration must beat it on validation to be chosen.
+                    defaults = cell_defaults(self.space, cell)
+                    study.set_user_attr(DEFAULT, {"params": defaults.enqueued,
+                                                  "clipped": list(defaults.clipped)})
+                    study.enqueue_trial(defaults.enqueued, user_attrs={DEFAULT: True})
             self._studies[cell.key] = study
         return self._studies[cell.key]
 
@@ -134,6 +139,25 @@ class StudyBook:
         """The cell's trials that count against its budget: all asked but the lost ones."""
         return [t for t in self.study(cell).get_trials(deepcopy=False)
                 if LOST not in t.user_attrs and t.state != TrialState.WAITING]
+
+    def epochs_spent(self, cell: Cell, epochs: int) -> int:
+        """Epochs the cell's trials have spent, a running one counted at its full length."""
+        total = 0
+        for t in self.counted(cell):
+            if t.state in (TrialState.RUNNING, TrialState.COMPLETE):
+                total += epochs
+            else:  # stopped early or failed: the epochs it reported
+                total += max(t.intermediate_values, default=0)
+        return total
+
+    def is_open(self, cell: Cell, epochs: int, started: int | None = None) -> bool:
+        """Whether the cell may start another trial: under its cap of trials (`started`, when
+        the caller keeps count) and, with an epoch budget, with a whole trial's epochs left."""
+        cap = self.space.cell_budget(self.budget)
+        if (len(self.counted(cell)) if started is None else started) >= cap:
+            return False
+        return not self.epoch_budget or \
+            self.epochs_spent(cell, epochs) + epochs <= self.epoch_budget
 
     def delete_all(self, cells: list[Cell]) -> None:
         """Forget every study of the search (a fresh Tune experiment under the same name)."""
@@ -176,22 +200,25 @@ class CellSearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict | None:
         counts = self._counts()
-        budget = self.book.space.cell_budget(self.book.budget)
-        open_cells = [c for c in self.cells if counts[c.key] < budget]
+        open_cells = [c for c in self.cells if self.book.is_open(c, self.epochs, counts[c.key])]
         if not open_cells:
-            return Searcher.FINISHED
+            # Under an epoch budget, a running trial that is stopped early gives back the
+            # epochs it was counted for: wait for it before declaring the search done.
+            return None if self.book.epoch_budget and self.live else Searcher.FINISHED
         if self.max_concurrent and len(self.live) >= self.max_concurrent:
             return None
         # The cell with the fewest trials so far: every cell advances, and all run at once.
         cell = min(open_cells, key=lambda c: counts[c.key])
-        study = self.book.study(cell)
+        study = self.book.study(cell, self.epochs)
         trial = study.ask()
         trial.set_user_attr(RAY_ID, trial_id)
         params = self.sampler.sample(trial, cell)
         counts[cell.key] += 1
         self.known.add(trial_id)
         self.live[trial_id] = (cell.key, trial.number)
-        return {"cell": cell.key, "study_trial": trial.number, **cell.as_dict(), **params}
+        default = {DEFAULT: True} if trial.user_attrs.get(DEFAULT) else {}
+        return {"cell": cell.key, "study_trial": trial.number, **default, **cell.as_dict(),
+                **params}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -310,10 +337,14 @@ class CellScheduler(FIFOScheduler):
                     if epoch in t.intermediate_values and LOST not in t.user_attrs
                     and t.number != number]
         compared.append((frozen.user_attrs.get(RAY_ID), number, value))
-        go_on = promotes(value, [v for _, _, v in compared], self.reduction_factor)
+        # The default configuration always runs to the end: it is the reference every chosen
+        # configuration must beat, and the baseline of the cell's tuning gain.
+        default = bool(frozen.user_attrs.get(DEFAULT))
+        go_on = default or promotes(value, [v for _, _, v in compared], self.reduction_factor)
         book.storage.set_trial_user_attr(frozen._trial_id, DECISION.format(epoch), {
             "epoch": epoch, "value": value, "go_on": go_on, "cell": cell.key,
-            "rule": f"top 1/{self.reduction_factor} of the cell's trials at this rung",
+            "rule": "the default configuration is never stopped early" if default else
+                    f"top 1/{self.reduction_factor} of the cell's trials at this rung",
             "compared": [{"ray_trial_id": r, "study_trial": n, "value": v}
                          for r, n, v in sorted(compared, key=lambda x: x[1])],
         })

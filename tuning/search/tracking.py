@@ -220,7 +220,8 @@ def run_params(cfg: RunConfig) -> dict[str, Any]:
 def run_label(cfg: RunConfig, sample: dict[str, Any] | None = None) -> str:
     """A run name a chart legend can show: `alignkd · cifar10 · P18 · #07` (`RV18` for a
     RepVGG student, `D18` for a Dirac one); teachers
-    `teacher · cifar10 · R18`; replicates `... · seed 2`."""
+    `teacher · cifar10 · R18`; replicates `... · seed 2`; a cell's default configuration
+    `... · default`."""
     sample = sample or {}
     data = Path(cfg.data_path).stem if cfg.data_options() else cfg.dataset
     if cfg.method == "ce" and cfg.shortcut == "all":
@@ -230,11 +231,18 @@ def run_label(cfg: RunConfig, sample: dict[str, Any] | None = None) -> str:
     label = f"{cfg.method} · {data} · {student}{cfg.depth}"
     if "study_trial" in sample:
         label += f" · #{int(sample['study_trial']):02d}"
+    if sample.get("default") or sample.get("arm") == "default":
+        label += " · default"
     if "replicate" in sample:
         if sample.get("replicate_of_number") not in (None, ""):
             label += f" · #{int(sample['replicate_of_number']):02d}"
         label += f" · seed {cfg.seed}"
     return label
+
+
+# What a trial's or replicate's Tune config carries besides the values its study sampled.
+NOT_SEARCHED = ("cell", "study_trial", "default", "replicate", "replicate_of",
+                "replicate_of_run", "replicate_of_number", "config", "arm", "concurrency")
 
 
 @dataclass
@@ -263,22 +271,27 @@ class Tracker:
                 "method": cfg.method, "dataset": cfg.dataset, "stopped_early": "false",
                 "cell": str(sample.get("cell", "")),
                 "role": "replicate" if "replicate" in sample else "trial"}
-        if "replicate" in sample:  # the chosen trial it repeats, with another seed
-            tags.update(replicate=str(sample["replicate"]),
+        if "replicate" in sample:
+            # A replicate: the cell's chosen trial (arm "tuned") or its default configuration
+            # (arm "default", the baseline), trained again with a new seed.
+            tags.update(replicate=str(sample["replicate"]), arm=sample.get("arm", "tuned"),
                         replicate_of=str(sample.get("replicate_of_run", "")),
-                        replicate_of_trial=str(sample.get("replicate_of", "")))
+                        replicate_of_trial=str(sample.get("replicate_of", "")),
+                        concurrency=str(sample.get("concurrency", "")))
         else:
             tags["study_trial"] = str(sample.get("study_trial", ""))
+            tags["default_config"] = str(bool(sample.get("default"))).lower()
         if teacher_run:
             tags["teacher_run_id"] = teacher_run
-        searched = [k for k in sample if k not in ("cell", "study_trial", "replicate",
-                                                   "replicate_of", "replicate_of_run",
-                                                   "replicate_of_number", "config")]
+        searched = [k for k in sample if k not in NOT_SEARCHED]
         if searched:
             tags["searched"] = ", ".join(searched)  # which of its params the study sampled
         c = client(self.uri)
         run = c.create_run(self.experiment_id, run_name=run_label(cfg, sample), tags=tags)
-        log_params(self.uri, run.info.run_id, {**run_params(cfg),
+        # The searched values also under the names the space gives them (eta_span beside the
+        # eta_epochs it sets), so that views and plots over the space's parameters find them.
+        own_names = {k: sample[k] for k in searched if k not in run_params(cfg)}
+        log_params(self.uri, run.info.run_id, {**run_params(cfg), **own_names,
                                                 **({"cell": sample["cell"]}
                                                    if sample.get("cell") else {})})
         return run.info.run_id
@@ -302,8 +315,8 @@ class Tracker:
 # (`mlflow.sharedViewState.<key>`, a JSON envelope whose `state` is the table's settings) and
 # opened by a link with ?viewStateShareKey=<key>. Nothing else presets what the UI shows.
 VIEW_TAG = "mlflow.sharedViewState."
-VIEWS = {"chosen": "Each cell's chosen trial", "trials": "Every trial, by cell",
-         "replicates": "Replicates of the chosen trials"}
+VIEWS = {"chosen": "Each cell's chosen trial", "trials": "Every trial, best first",
+         "replicates": "Replicates: tuned and default configurations, new seeds"}
 
 
 def _column(kind: str, name: str) -> str:
@@ -323,17 +336,20 @@ def save_views(tracker: Tracker, searched: list[str], dims: list[str]) -> None:
         "chosen": {"searchFilter": "tags.chosen = 'true'",
                    "orderByKey": _column("metrics", "val/acc"), "orderByAsc": False,
                    "selectedColumns": [*cells, *acc, *hyper, *timing]},
+        # One row per trial, never a group row: a group's row would show each column's
+        # maximum, a mix of several trials' values that reads like a winner's configuration.
         "trials": {"searchFilter": "tags.role = 'trial'",
                    "orderByKey": _column("metrics", "val/acc"), "orderByAsc": False,
                    "selectedColumns": [*cells, _column("tags", "chosen"),
+                                       _column("tags", "default_config"),
                                        _column("tags", "stopped_early"),
-                                       _column("metrics", "train/epoch"), *acc, *hyper, *timing],
-                   "groupBy": {"aggregateFunction": "max",
-                               "groupByKeys": [{"mode": "tag", "groupByData": "cell"}]}},
+                                       _column("metrics", "train/epoch"), *acc, *hyper, *timing]},
         "replicates": {"searchFilter": "tags.role = 'replicate'",
                        "orderByKey": _column("tags", "cell"), "orderByAsc": True,
-                       "selectedColumns": [*cells, _column("tags", "replicate"),
-                                           _column("params", "seed"), *acc, *timing]},
+                       "selectedColumns": [*cells, _column("tags", "arm"),
+                                           _column("tags", "replicate"),
+                                           _column("params", "seed"), *acc, *timing,
+                                           _column("tags", "concurrency")]},
     }
     c = client(tracker.uri)
     for key, state in states.items():
@@ -359,7 +375,7 @@ def where_to_look(tracker: Tracker, optuna_storage: str | None = None) -> str:
         base = "http://127.0.0.1:5000"
         lines.append(f"  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     lines.append(f"  each cell's chosen trial: {view_url(base, tracker.experiment_id, 'chosen')}")
-    lines.append(f"  every trial, by cell:     {view_url(base, tracker.experiment_id, 'trials')}")
+    lines.append(f"  every trial, best first:  {view_url(base, tracker.experiment_id, 'trials')}")
     if optuna_storage:
         lines.append(f"Optuna: one study per cell in {optuna_storage}")
         lines.append(f"  optuna-dashboard {optuna_storage} --host 127.0.0.1 --port 8080")
@@ -480,6 +496,8 @@ def settle_trial_runs(tracker: Tracker, rows: list[dict[str, Any]]) -> None:
         row["mlflow_run_id"] = run_id
         if "chosen" in row:  # a search trial; a replicate logged its own test accuracy
             c.set_tag(run_id, "chosen", str(bool(row["chosen"])).lower())
+            if row.get("_default_config"):  # its configuration is its cell's default
+                c.set_tag(run_id, "default_config", "true")
             if not math.isnan(row.get("test_acc", math.nan)):
                 log_metrics(tracker.uri, run_id, {"test_acc": row["test_acc"]},
                             step=int(row.get("epochs") or 0))
