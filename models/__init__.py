@@ -1,6 +1,7 @@
 """ResNet teachers and Plain-CNN students from one definition."""
 
-from models.dirac import DiracConv2d, fold_batchnorm, fold_dirac
+from models.dirac import DiracConv2d, fold_dirac
+from models.folding import fold_batchnorm
 from models.repvgg import RepConv, RepVGGBlock, fold_repconv, fold_repvgg
 from models.resnet import (
     BLOCK_TYPES,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # No import of models.resnet: resnet.py may import repvgg_block without a cycle.
-from models.dirac import _plain_conv_like, _refresh_views
+from models.convs import plain_conv_like, refresh_views
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
@@ -105,7 +105,7 @@ def fold_repconv(m: RepConv) -> nn.Conv2d:
             eye[idx, idx, 1, 1] = 1.0
             w, b = w + eye * scale.view(-1, 1, 1, 1), b + shift
         dtype = m.dense.conv.weight.dtype
-        return _plain_conv_like(m.dense.conv, w.to(dtype), b.to(dtype))
+        return plain_conv_like(m.dense.conv, w.to(dtype), b.to(dtype))
 
 
 def fold_repvgg(net: nn.Module) -> nn.Module:
@@ -117,7 +117,7 @@ def fold_repvgg(net: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, RepConv):
                 setattr(parent, name, fold_repconv(child))
-    _refresh_views(net)
+    refresh_views(net)
     return net
 
 

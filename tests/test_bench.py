@@ -14,11 +14,11 @@ import torch
 
 from losses import OBJECTIVES, OWN_MODULES, hybrid_logits_naive
 from models import freeze, resnet
-from tuning import bench
-from tuning.config import METHODS, RunConfig
-from tuning.flops import _module_macs, add_model_ratios, cost_model, hybrid_r, network_macs
-from tuning.step import make_optimizer, make_train_step
-from tuning.trainer import objective_kwargs
+from tuning.measure import bench
+from tuning.measure.flops import _module_macs, add_model_ratios, cost_model, hybrid_r, network_macs
+from tuning.run.config import METHODS, RunConfig
+from tuning.run.step import make_optimizer, make_train_step
+from tuning.run.trainer import objective_kwargs
 
 
 @pytest.fixture(autouse=True)
@@ -182,8 +182,8 @@ TORCH_ONLY = """
 import runpy, sys
 for name in ("ray", "mlflow", "optuna", "yaml"):  # as on a machine with PyTorch alone
     sys.modules[name] = None
-from tuning.config import RunConfig
-from tuning.trainer import train
+from tuning.run.config import RunConfig
+from tuning.run.trainer import train
 final = train(RunConfig(method="ce", shortcut="all", width=4, epochs=1, batch_size=64,
                         device="cpu"), sys.argv[1], quiet=True)
 print("trained", final["epoch"])
@@ -235,7 +235,7 @@ def test_a_configuration_that_ran_out_of_memory_keeps_the_rest_of_the_report():
 def test_inference_flag_hands_over(monkeypatch):
     seen = []
     fake = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0)
-    monkeypatch.setitem(sys.modules, "tuning.inference", fake)
+    monkeypatch.setitem(sys.modules, "tuning.measure.inference", fake)
     assert bench.main(["--inference", "--quick"]) == 0 and seen == [["--quick"]]
 
 
@@ -247,7 +247,7 @@ def _inference(argv: list[str], tmp_path: Path) -> dict:
 
 
 def test_quick_inference_benchmark_times_every_network_runtime_and_batch(tmp_path, capsys):
-    from tuning.inference import NETWORKS, RUNTIMES
+    from tuning.measure.inference import NETWORKS, RUNTIMES
 
     table = tmp_path / "inference.md"
     report = _inference(["--device", "cpu", "--markdown", str(table)], tmp_path)
@@ -339,7 +339,7 @@ def test_r_counts_the_hybrid_paths_that_jointrd_runs():
 
 @pytest.mark.slow
 def test_search_overhead_runs_bare_and_under_tune(tmp_path, monkeypatch):
-    from tuning import overhead
+    from tuning.measure import overhead
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "overhead.json"
@@ -408,7 +408,7 @@ def test_an_unwritable_out_is_refused_before_benchmarking(tmp_path, capsys, monk
         raise AssertionError("benchmarked before the bad --out was refused")
 
     monkeypatch.setattr(bench, "run", ran)
-    for name in ("tuning.inference", "tuning.overhead"):
+    for name in ("tuning.measure.inference", "tuning.measure.overhead"):
         monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(main=ran))
     taken = tmp_path / "taken"
     taken.write_text("mine")

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-import tuning.train as train_mod
-from tuning.config import ConfigError, RunConfig
-from tuning.train import main
+import tuning.run.train as train_mod
+from tuning.run.config import ConfigError, RunConfig
+from tuning.run.train import main
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tuning.efficiency import main, markdown
+from tuning.measure.efficiency import main, markdown
 
 pytestmark = pytest.mark.slow
 

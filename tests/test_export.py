@@ -12,10 +12,10 @@ from netutil import randomize as _randomize
 from torch import nn
 
 from models import resnet
-from tuning import export as export_mod
-from tuning import inference
-from tuning.config import RunConfig
-from tuning.trainer import MODEL_NAME, save_model
+from tuning.measure import export as export_mod
+from tuning.measure import inference
+from tuning.run.config import RunConfig
+from tuning.run.trainer import MODEL_NAME, save_model
 
 
 def _saved(tmp_path: Path, shortcut: str, dirac: bool) -> tuple[nn.Module, Path]:

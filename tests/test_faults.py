@@ -41,7 +41,7 @@ from faultutil import (
 )
 from searchutil import rows, search_args, tracking_uri
 
-from tuning.checkpoint import (
+from tuning.run.checkpoint import (
     CheckpointError,
     atomic_torch_save,
     atomic_write_bytes,
@@ -49,7 +49,7 @@ from tuning.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tuning.search import main
+from tuning.search.cli.search import main
 
 pytestmark = pytest.mark.slow
 
@@ -352,7 +352,7 @@ NODE_LOSS_SCRIPT = textwrap.dedent("""
     from ray.cluster_utils import Cluster
     sys.path.insert(0, sys.argv[1])
     from faultutil import last_checkpoint_epoch, trial_dirs
-    from tuning.search import main
+    from tuning.search.cli.search import main
 
     experiment, epochs, args = Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -513,7 +513,7 @@ def test_a_full_disk_mid_write_leaves_the_old_file(tmp_path):
     code = textwrap.dedent(f"""
         import sys, torch
         from pathlib import Path
-        from tuning.checkpoint import atomic_write_text, atomic_torch_save
+        from tuning.run.checkpoint import atomic_write_text, atomic_torch_save
         for write in (lambda: atomic_write_text(Path({str(target)!r}), "x" * (4 << 20)),
                       lambda: atomic_torch_save({{"w": torch.zeros(1 << 20)}},
                                                 Path({str(target)!r}))):
@@ -536,7 +536,7 @@ def test_a_full_disk_mid_write_leaves_the_old_file(tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from tuning.checkpoint import atomic_write_bytes, save_checkpoint
+    from tuning.run.checkpoint import atomic_write_bytes, save_checkpoint
     import torch
 
     target, kind, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -586,7 +586,7 @@ def test_sigkill_mid_write_leaves_a_complete_file(tmp_path, kind):
 def test_a_resumed_teacher_leaves_no_torn_files_in_the_store(tmp_path):
     """A teacher killed inside a write leaves a temp file in `<key>.partial/`; the finished
     teacher must not carry it into the store."""
-    from tuning.config import RunConfig
+    from tuning.run.config import RunConfig
     from tuning.search.teachers import teacher_recipe, train_teacher
 
     trial = RunConfig(dataset="digits", depth=18, width=8, batch_size=64,

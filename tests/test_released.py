@@ -23,12 +23,12 @@ from losses.released import (
     stage4_pre_relu,
 )
 from models import freeze, resnet
-from tuning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tuning.config import METHOD_DEFAULTS, ConfigError, RunConfig
+from tuning.run.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tuning.run.config import METHOD_DEFAULTS, ConfigError, RunConfig
+from tuning.run.step import make_optimizer
+from tuning.run.trainer import CHECKPOINT_NAME, objective_kwargs, train
 from tuning.search.space import parse_space, trial_values
 from tuning.search.tracking import run_params
-from tuning.step import make_optimizer
-from tuning.trainer import CHECKPOINT_NAME, objective_kwargs, train
 
 # ---------------------------------------------------------------------------- the margin
 

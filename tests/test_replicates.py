@@ -7,8 +7,8 @@ import pytest
 from faultutil import kill_group, lost_epochs, mlflow_trials, spawn_search, wait_for
 from searchutil import rows, search_args, tracking_uri
 
-from tuning.replicate import main as replicate_main
-from tuning.search import main
+from tuning.search.cli.replicate import main as replicate_main
+from tuning.search.cli.search import main
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import math
 import optuna
 import pytest
 
-from tuning.search import tables
+from tuning.search.report import tables
+from tuning.search.report.stats import Summary, compare, holm, paired, verdict, welch
 from tuning.search.results import choose, parse_choose
-from tuning.stats import Summary, compare, holm, paired, verdict, welch
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -210,7 +210,7 @@ def study_of(values, params=("x", "y"), pruned_at=None):
 
 
 def test_importances_are_withheld_below_the_threshold():
-    from tuning.search.importance import cell_importance
+    from tuning.search.report.importance import cell_importance
 
     result = cell_importance(study_of([0.1, 0.5, 0.3]))
     assert not result.enough and result.by_objective == {}
@@ -222,7 +222,7 @@ def test_importances_are_withheld_below_the_threshold():
 def test_importances_are_the_dashboards_numbers_with_n():
     from optuna_dashboard._importance import get_param_importance_from_trials_cache
 
-    from tuning.search.importance import cell_importance
+    from tuning.search.report.importance import cell_importance
 
     values = [0.5 + 0.03 * i - 0.01 * ((7 * i) % 5) for i in range(14)]
     storage = optuna.storages.InMemoryStorage()
@@ -238,7 +238,7 @@ def test_importances_are_the_dashboards_numbers_with_n():
 
 
 def test_stopped_trials_count_at_the_last_epoch_all_reached():
-    from tuning.search.importance import cell_importance
+    from tuning.search.report.importance import cell_importance
 
     values = [0.5 + 0.03 * i for i in range(12)]
     result = cell_importance(study_of(values, pruned_at={3, 5, 7}))
@@ -247,7 +247,7 @@ def test_stopped_trials_count_at_the_last_epoch_all_reached():
 
 
 def test_a_multi_objective_cell_has_importances_per_objective():
-    from tuning.search.importance import cell_importance
+    from tuning.search.report.importance import cell_importance
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     with pytest.warns(optuna.exceptions.ExperimentalWarning):

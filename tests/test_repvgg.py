@@ -14,9 +14,9 @@ from netutil import randomize as _randomize
 from torch import nn
 
 from models import RepConv, fold_batchnorm, fold_repconv, fold_repvgg, resnet
-from tuning import export as export_mod
-from tuning.config import ConfigError, RunConfig
-from tuning.trainer import (
+from tuning.measure import export as export_mod
+from tuning.run.config import ConfigError, RunConfig
+from tuning.run.trainer import (
     CHECKPOINT_NAME,
     MODEL_NAME,
     load_model,
@@ -252,7 +252,7 @@ def test_the_teacher_of_a_repvgg_student_is_the_plain_students_teacher():
 
 def test_the_cli_flag_decides_the_block_over_a_config_file(tmp_path, monkeypatch):
     """A saved config.yaml holds both block and dirac; a flag for either one wins."""
-    import tuning.train as train_mod
+    import tuning.run.train as train_mod
 
     seen = []
     monkeypatch.setattr(train_mod, "train", lambda cfg, *a, **k: seen.append(cfg) or {
@@ -271,7 +271,7 @@ def test_the_cli_flag_decides_the_block_over_a_config_file(tmp_path, monkeypatch
 
 
 def test_default_run_dir_names_a_repvgg_student():
-    from tuning.train import default_run_dir
+    from tuning.run.train import default_run_dir
 
     assert default_run_dir(RunConfig(method="ce", block="repvgg")).name == \
         "ce-digits-repvgg18-w64-s0"

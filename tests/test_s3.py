@@ -113,7 +113,7 @@ def test_a_search_on_s3_resumes_from_another_folder_and_shares_its_teachers(s3, 
 
 
 def test_an_unreachable_bucket_is_one_line(s3, tmp_path, capsys):
-    from tuning.search import main
+    from tuning.search.cli.search import main
 
     code = main(search_args(tmp_path, "nobucket", "--storage-path", "s3://no-such-bucket/x"))
     err = capsys.readouterr().err

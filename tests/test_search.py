@@ -12,9 +12,9 @@ import pytest
 from optuna.trial import TrialState
 from searchutil import check_studies_agree_with_tune, rows, search_args, tracking_uri
 
-from tuning.config import RunConfig
-from tuning.search import main
-from tuning.train import main as train_main
+from tuning.run.config import RunConfig
+from tuning.run.train import main as train_main
+from tuning.search.cli.search import main
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def test_methods_search_runs_every_way_to_a_plain_network_in_cells_of_its_own(ra
     import torch
 
     from models import RepConv
-    from tuning.trainer import load_model
+    from tuning.run.trainer import load_model
 
     code = main(search_args(root, "methods", "--num-samples", "1", "--epochs", "1",
                             space="methods", replicates=1))
@@ -361,7 +361,7 @@ GOOD_SPACE = "fixed: {method: alignkd}\nparams:\n  alpha: {type: float, low: 0, 
 
 def _digits_teacher(folder: Path) -> Path:
     """A digits ResNet of width 4: the smoke search's students have width 8."""
-    from tuning.trainer import train
+    from tuning.run.trainer import train
 
     train(RunConfig(method="ce", shortcut="all", width=4, epochs=1, batch_size=256,
                     device="cpu", data_root=str(folder / "data")), folder / "w4", quiet=True)
@@ -371,7 +371,7 @@ def _digits_teacher(folder: Path) -> Path:
 def _three_class_teacher(folder: Path) -> Path:
     import numpy as np
 
-    from tuning.trainer import train
+    from tuning.run.trainer import train
 
     data = folder / "three.npz"
     rng = np.random.default_rng(0)
@@ -385,7 +385,7 @@ def _three_class_teacher(folder: Path) -> Path:
 CLUSTER_SCRIPT = textwrap.dedent("""
     import sys
     from ray.cluster_utils import Cluster
-    from tuning.search import main
+    from tuning.search.cli.search import main
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
@@ -598,8 +598,8 @@ def test_test_accuracy_only_for_a_checkpoint_of_the_reported_epoch(tmp_path, cap
     accuracy would be an older model's, so there is none."""
     import math
 
+    from tuning.run.trainer import train
     from tuning.search import results
-    from tuning.trainer import train
 
     cfg = RunConfig(method="ce", shortcut="all", width=4, epochs=2, batch_size=64, device="cpu",
                     data_root=str(tmp_path / "data"))

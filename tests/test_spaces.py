@@ -5,7 +5,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tuning.config import RunConfig
+from tuning.run.config import RunConfig
 from tuning.search.space import (
     SpaceError,
     SpaceSampler,

@@ -212,7 +212,7 @@ def test_rank_correlation_is_scipys_and_its_interval_holds_it():
     import numpy as np
     from scipy.stats import spearmanr
 
-    from tuning.stats import spearman
+    from tuning.search.report.stats import spearman
 
     c = spearman([1, 2, 3, 4], [1, 3, 2, 4])
     assert c.rho == pytest.approx(0.8) and c.n == 4  # 1 - 6*2/(4*15)
@@ -230,7 +230,7 @@ def test_rank_correlation_is_scipys_and_its_interval_holds_it():
 
 
 def test_the_rung_measurement_on_hand_worked_curves():
-    from tuning.rungs import cell_correlation, replay, settled_from
+    from tuning.search.rungs import cell_correlation, replay, settled_from
 
     curves = [{1: 0.1, 2: 0.3, 3: 0.4}, {1: 0.2, 2: 0.2, 3: 0.5}, {1: 0.3, 2: 0.4, 3: 0.6},
               {1: 0.2, 2: 0.5}]  # the last one never finished: not counted
@@ -258,7 +258,7 @@ def test_rung_placement_follows_the_measured_rule():
     pilot's own file records the rungs that rule gives it."""
     from pathlib import Path
 
-    from tuning.rungs import THRESHOLD, settled_from
+    from tuning.search.rungs import THRESHOLD, settled_from
     from tuning.search.schedule import FIRST_RUNG_FRACTION, REDUCTION_FACTOR, default_rungs
     from tuning.search.space import load_space
 
@@ -433,17 +433,19 @@ def test_a_trial_its_study_failed_stops_when_tune_runs_it_again(book):
 
 def pilot_search(tmp_path, finished: int, scheduler: str = "fifo"):
     """A search folder whose study holds `finished` complete trials of 15 epochs each."""
-    import yaml
+    from tuning.search.settings import SearchSettings
 
     text = "fixed: {method: alignkd, eta_span: 0.3}\nparams:\n  alpha: {type: float, low: 0, " \
            "high: 1}\n"
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     folder = tmp_path / "ray" / "pilot"
     folder.mkdir(parents=True)
-    (folder / "search.yaml").write_text(yaml.safe_dump({
-        "name": "pilot", "space_name": "p", "space_source": "p.yaml", "space_text": text,
-        "overrides": {}, "epochs": 15, "scheduler": scheduler, "objective": "acc",
-        "sampler": "tpe", "optuna_storage": url}))
+    SearchSettings(name="pilot", space_name="p", space_source="p.yaml", space_text=text,
+                   space_digest="0", overrides={}, cells=["all"],
+                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", optuna_storage=url,
+                   storage_path=str(tmp_path / "ray"), teacher_store=str(tmp_path / "t"),
+                   epochs=15, teacher_epochs=15, num_samples=finished,
+                   trials_per_cell=finished, seed=0, scheduler=scheduler).write(folder)
     study = optuna.create_study(storage=url, study_name="pilot/all", direction="maximize")
     dist = {"alpha": optuna.distributions.FloatDistribution(0, 1)}
     for i in range(finished):
@@ -455,7 +457,7 @@ def pilot_search(tmp_path, finished: int, scheduler: str = "fifo"):
 
 
 def test_the_rung_tool_writes_its_measurement_and_refuses_too_few_trials(tmp_path, capsys):
-    from tuning.rungs import main as rungs_main
+    from tuning.search.cli.rungs import main as rungs_main
 
     storage = pilot_search(tmp_path / "ok", 8)
     out = tmp_path / "ok" / "rho.json"

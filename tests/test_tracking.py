@@ -14,8 +14,8 @@ import pytest
 from mlflow import MlflowClient
 from searchutil import rows, search_args, tracking_uri
 
-from tuning import report
-from tuning.search import main
+from tuning.search.cli.search import main
+from tuning.search.report import build as report
 from tuning.search.tracking import scrub
 
 pytestmark = pytest.mark.slow
@@ -217,7 +217,7 @@ def test_runs_reach_a_real_mlflow_server_read_over_rest(ray_session, tmp_path):
 
 
 def test_export_takes_a_finished_trials_mlflow_run_id(searched, tmp_path, monkeypatch):
-    from tuning import export
+    from tuning.measure import export
 
     _, _, children = runs_of(searched, "tracked")
     done = next(c for c in children if c.data.tags["stopped_early"] == "false")

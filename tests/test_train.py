@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from tuning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tuning.config import ConfigError, RunConfig
-from tuning.train import main
-from tuning.trainer import CHECKPOINT_NAME, load_model, train
+from tuning.run.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tuning.run.config import ConfigError, RunConfig
+from tuning.run.train import main
+from tuning.run.trainer import CHECKPOINT_NAME, load_model, train
 
 SHARED_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-subset.npz"
 # Every epoch checkpoints, as the resume tests need; test_checkpoint_cadence tests the interval.
@@ -140,7 +140,7 @@ def test_resume_retrains_only_the_epochs_after_the_last_checkpoint(tmp_path):
 
 
 def test_staged_checkpoint_is_a_link_that_a_later_save_does_not_change(tmp_path):
-    from tuning.checkpoint import staged
+    from tuning.run.checkpoint import staged
 
     path = tmp_path / CHECKPOINT_NAME
     save_checkpoint({"epoch": 1}, path)
@@ -286,8 +286,8 @@ def test_teacher_depth_must_match_the_teacher(tmp_path, teacher34):
 def test_momentum_is_what_the_config_says_and_what_is_logged(tmp_path):
     """OneCycle cycles momentum against the lr (momentum -> base_momentum at the peak -> back);
     with cycle_momentum false it stays at momentum. The logged value is the optimizer's."""
-    from tuning.checkpoint import load_checkpoint
-    from tuning.trainer import train
+    from tuning.run.checkpoint import load_checkpoint
+    from tuning.run.trainer import train
 
     base = dict(method="ce", shortcut="all", width=4, epochs=4, batch_size=256, device="cpu",
                 checkpoint_interval_s=1e9, data_root=str(tmp_path / "data"))
@@ -322,7 +322,7 @@ def _refused(code: int, err: str, expect: str) -> None:
 
 def _no_training(monkeypatch):
     """Makes any training fail the test: the checks must come before the work."""
-    import tuning.train as train_mod
+    import tuning.run.train as train_mod
 
     def trained(*args, **kwargs):
         raise AssertionError("training started before the bad input was refused")
@@ -336,7 +336,7 @@ def _model_file(path: Path, *, shortcut: str = "all", width: int = 4, **changes)
     import types
 
     from models import resnet
-    from tuning.trainer import save_model
+    from tuning.run.trainer import save_model
 
     data = types.SimpleNamespace(name="digits", num_classes=10, stem="cifar",
                                  classes=[str(i) for i in range(10)], mean=(0.5,) * 3,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from searchutil import rows, search_args, tracking_uri
 
-from tuning.search import main
+from tuning.search.cli.search import main
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

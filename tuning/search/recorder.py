@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuning.config import RunConfig
+from tuning.run.config import RunConfig
 from tuning.search.tracking import Tracker, client, log_metrics, metric_name
 
 # A trial's requests fail fast and are retried by the next epoch, not by the client for
@@ -78,8 +78,8 @@ class TrialRecorder:
 
     def finish(self) -> None:
         """The last epoch: the run's model and config, then its end."""
-        from tuning.checkpoint import atomic_write_text
-        from tuning.trainer import MODEL_NAME
+        from tuning.run.checkpoint import atomic_write_text
+        from tuning.run.trainer import MODEL_NAME
 
         try:
             atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
@@ -101,8 +101,8 @@ def complete_from_checkpoint(tracker: Tracker, run_id: str, checkpoint, *, epoch
     """Bring a run up to its trial's stored checkpoint: the epochs its history holds that the
     run lacks, the model and config if missing, and the final state. Returns the epochs
     logged."""
-    from tuning.checkpoint import load_checkpoint
-    from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, model_from_checkpoint
+    from tuning.run.checkpoint import load_checkpoint
+    from tuning.run.trainer import CHECKPOINT_NAME, MODEL_NAME, model_from_checkpoint
 
     uri = tracker.uri
     c = client(uri)
@@ -155,3 +155,63 @@ def repair_runs(tracker: Tracker, rows: list[dict[str, Any]], start_run) -> dict
             status=status,
             stopped_early=row["status"] == "STOPPED_EARLY", reason=row.get("error") or None)
     return {"created": created, "epochs_added": added}
+
+
+def close_unrecorded_runs(tracker: Tracker, rows: list[dict[str, Any]],
+                          role: str = "trial") -> None:
+    """End the runs of trials (or replicates) a killed driver started but never recorded in
+    its state.
+
+    Tune restores only the trials its last saved state holds, so such a trial is not
+    continued; without this its run would stay RUNNING for ever.
+    """
+    known = {row["trial_id"] for row in rows}
+    runs = client(tracker.uri).search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}' and "
+                      "attributes.status = 'RUNNING'", max_results=10000)
+    for run in runs:
+        if run.data.tags.get("role", "trial") != role:
+            continue  # the other phase's runs
+        if run.data.tags.get("ray_trial_id") not in known:
+            tracker.end_trial_run(run.info.run_id, "KILLED", stopped_early=True,
+                                  reason="the search driver was killed before it recorded this "
+                                         "trial, so the resumed search could not continue it")
+
+
+def mark_interrupted(tracker: Tracker, trial_ids: list[str]) -> None:
+    """The records of an interrupted search say so: its parent and its unfinished trials'
+    runs end KILLED with the reason (a resume sets them running again)."""
+    reason = "the search was interrupted; `python -m tuning.search --resume` continues it"
+    try:
+        c = client(tracker.uri)
+        c.set_tag(tracker.parent_run_id, "state", "interrupted")
+        run_ids = {tracker.find_trial_run(t) for t in trial_ids}
+        # Also any other run of the search still RUNNING: a trial Tune stopped on its way
+        # out can look ended to Tune while its worker never closed its run.
+        exp = c.get_run(tracker.parent_run_id).info.experiment_id
+        run_ids |= {r.info.run_id for r in c.search_runs(
+            [exp], filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}' "
+                                 "and attributes.status = 'RUNNING'", max_results=10000)}
+        for run_id in run_ids - {None}:
+            if c.get_run(run_id).info.status == "RUNNING":
+                tracker.end_trial_run(run_id, "KILLED", reason=reason)
+    except Exception:  # noqa: BLE001 - an interrupted search must still exit at once
+        pass
+
+
+class Records:
+    """The driver's MLflow calls after the trials, each guarded: a tracking outage then costs
+    the records (which `tuning.report --repair` completes), never the search's results."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def __call__(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - see the class's docstring
+            self.failed.append(what)
+            reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            print(f"warning: could not {what} in MLflow ({reason})", flush=True)
+            return None

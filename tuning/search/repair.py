@@ -8,10 +8,8 @@ search's tables and is finished. Runs already complete are left as they are.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from tuning.config import UserError
+from tuning.run.config import UserError
+from tuning.search.settings import SearchSettings
 
 
 def _results(path: str, context):
@@ -26,37 +24,30 @@ def _results(path: str, context):
                               ).get_results()
 
 
-def repair(settings: dict[str, Any], folder: Path) -> dict[str, int]:
+def repair(settings: SearchSettings) -> dict[str, int]:
     from tuning.search import results as res
     from tuning.search import tracking
-    from tuning.search.cli import settings_space
-    from tuning.search.driver import close_unrecorded_runs, run_maker
-    from tuning.search.recorder import repair_runs
-    from tuning.search.replicates import experiment_path
-    from tuning.search.trainable import SearchContext
+    from tuning.search.recorder import close_unrecorded_runs, repair_runs
+    from tuning.search.trainable import SearchContext, run_maker
 
-    space = settings_space(settings)
-    experiment = f"{settings['storage_path'].rstrip('/')}/{settings['name']}"
+    folder = settings.folder
     commit = tracking.git_commit()
-    tracker = tracking.start_parent(settings["tracking_uri"], settings, commit)
-    if settings.get("parent_run_id") != tracker.parent_run_id:
-        from tuning.search.cli import write_settings
-
-        settings["parent_run_id"] = tracker.parent_run_id  # the store was lost or replaced
-        write_settings(folder, settings)
-    context = SearchContext(space=space, teacher_store=settings["teacher_store"],
-                            teacher_epochs=settings["teacher_epochs"],
-                            search_name=settings["name"], tracker=tracker,
-                            experiment_path=experiment)
-    grid = _results(experiment, context)
+    tracker = tracking.start_parent(settings.tracking_uri, settings, commit)
+    if settings.parent_run_id != tracker.parent_run_id:
+        settings.parent_run_id = tracker.parent_run_id  # the store was lost or replaced
+        settings.write()
+    context = SearchContext(space=settings.space(), teacher_store=settings.teacher_store,
+                            teacher_epochs=settings.teacher_epochs, search_name=settings.name,
+                            tracker=tracker, experiment_path=settings.experiment_path)
+    grid = _results(settings.experiment_path, context)
     if grid is None:
-        raise UserError(f"search {settings['name']!r} has no trial state under "
-                        f"{settings['storage_path']} to repair from")
+        raise UserError(f"search {settings.name!r} has no trial state under "
+                        f"{settings.storage_path} to repair from")
     rows = res.trial_rows(grid, context)
     done = repair_runs(tracker, rows, run_maker(tracker, context))
     tracking.settle_trial_runs(tracker, rows)
     close_unrecorded_runs(tracker, rows)
-    replicas = _results(experiment_path(settings), context)
+    replicas = _results(settings.replicates_path, context)
     if replicas is not None:
         rep_rows = [{"trial_id": (r.metrics or {}).get("trial_id", ""),
                      "status": "FAILED" if r.error or (r.metrics or {}).get("failed")

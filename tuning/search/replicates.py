@@ -20,18 +20,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
 
-from tuning.config import RunConfig
-from tuning.search.results import error_reason, trial_status, write_csv
-from tuning.search.trainable import KEEP_CHECKPOINTS, SearchContext
+from tuning.run.config import RunConfig
+from tuning.search import tracking
+from tuning.search.callbacks import run_callbacks
+from tuning.search.raytune import KEEP_CHECKPOINTS, interrupted, keep_newest_checkpoint
+from tuning.search.recorder import Records, close_unrecorded_runs, repair_runs
+from tuning.search.results import error_reason, table_text, trial_status, write_csv
+from tuning.search.settings import REPLICATES_EXPERIMENT, SearchSettings
+from tuning.search.space import cell_defaults
+from tuning.search.trainable import SearchContext, make_trainable, run_maker
 
-EXPERIMENT = "replicates"
 COLUMNS = ["cell", "arm", "replicate", "seed", "trial_id", "replicate_of", "status", "val_acc",
            "test_acc", "train_time", "epochs", "concurrency", "error"]
 ARMS = ("tuned", "default")
@@ -92,20 +99,14 @@ class FixedTrials(Searcher):
         self.next = int(json.loads(Path(checkpoint_path).read_text())["next"])
 
 
-def experiment_path(settings: dict[str, Any]) -> str:
-    return f"{settings['storage_path'].rstrip('/')}/{settings['name']}/{EXPERIMENT}"
-
-
-def run_replicates(settings: dict[str, Any], context: SearchContext,
+def run_replicates(settings: SearchSettings, context: SearchContext,
                    arms: list[dict[str, Any]], seeds: list[int], callbacks: list,
                    concurrency: str = "") -> list[dict] | None:
     """Train (or continue) every arm's replicates; one row per replicate, or None when the
     phase was interrupted (Tune saved its state to resume from)."""
-    from tuning.search.driver import make_trainable
-
-    path = experiment_path(settings)
+    path = settings.replicates_path
     context = dataclasses.replace(context, experiment_path=path, evaluate_test=True, rungs=())
-    trainable = make_trainable(context, settings)
+    trainable = make_trainable(context, settings.cpus_per_trial, settings.gpus_per_trial)
     configs = replicate_trials(arms, seeds, concurrency)
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
@@ -115,16 +116,14 @@ def run_replicates(settings: dict[str, Any], context: SearchContext,
             trainable,
             tune_config=tune.TuneConfig(search_alg=FixedTrials(configs),
                                         scheduler=FIFOScheduler(), num_samples=-1,
-                                        max_concurrent_trials=settings.get("max_concurrent")
+                                        max_concurrent_trials=settings.max_concurrent
                                         or None, reuse_actors=True),
             run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
+                name=REPLICATES_EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                 failure_config=tune.FailureConfig(max_failures=2), verbose=0,
                 callbacks=callbacks))
     grid = tuner.fit()
-    from tuning.search.driver import interrupted
-
     if interrupted(grid):
         return None
     rows = []
@@ -155,3 +154,68 @@ def write_rows(rows: list[dict[str, Any]], folder: Path) -> Path:
     path = Path(folder) / "replicates.csv"
     write_csv(rows, path, COLUMNS)
     return path
+
+
+def default_config(context: SearchContext, cell_key: str) -> RunConfig:
+    """The cell's default configuration (its baseline) as a trial of the search would run it."""
+    cell = next(c for c in context.space.cells() if c.key == cell_key)
+    return context.run_config({"cell": cell.key, **cell.as_dict(),
+                               **cell_defaults(context.space, cell).values})
+
+
+def replicate_arms(context: SearchContext, finals: list[dict[str, Any]],
+                   baseline: bool) -> list[dict[str, Any]]:
+    """Each cell's tuned arm (its chosen trial) and, with a baseline, its default arm; a cell
+    whose chosen configuration is its default trains it once."""
+    arms = []
+    for final in finals:
+        arms.append({**final, "arm": "tuned"})
+        if baseline:
+            default = default_config(context, final["cell"])
+            if not same_recipe(default, final["config"]):
+                arms.append({"cell": final["cell"], "arm": "default", "config": default})
+    return arms
+
+
+def concurrency(settings: SearchSettings) -> str:
+    """How many runs the replicate phase trains at once, and with what: the condition its
+    times were taken under."""
+    have = ray.cluster_resources()
+    slots = math.floor(have.get("CPU", 0) / settings.cpus_per_trial)
+    if settings.gpus_per_trial:
+        slots = min(slots, math.floor(have.get("GPU", 0) / settings.gpus_per_trial))
+    if settings.max_concurrent:
+        slots = min(slots, settings.max_concurrent)
+    gpu = f", {settings.gpus_per_trial:g} GPU" if settings.gpus_per_trial else ""
+    return f"{max(1, slots)} at a time, {settings.cpus_per_trial:g} CPU{gpu} each"
+
+
+def replicate_phase(settings: SearchSettings, context: SearchContext, tracker: tracking.Tracker,
+                    finals: list[dict[str, Any]], folder: Path,
+                    records: Records | None = None) -> list[dict[str, Any]] | None:
+    """Train each cell's chosen configuration, and its default one (unless `baseline` is
+    none), again under the search's replicate seeds; None when interrupted."""
+    records = records or Records()
+    t0 = time.perf_counter()
+    arms = replicate_arms(context, finals, settings.baseline != "none")
+    seeds = replicate_seeds(settings.seed, settings.replicates)
+    rows = run_replicates(settings, context, arms, seeds,
+                          callbacks=run_callbacks(tracker, context, settings.epochs,
+                                                  len(arms) * len(seeds)),
+                          concurrency=concurrency(settings))
+    if rows is None:
+        return None
+    for row in rows:
+        keep_newest_checkpoint(row["_result"].checkpoint)
+    records("complete the replicate runs", repair_runs, tracker, rows, run_maker(tracker, context))
+    records("record the replicates' final states", tracking.settle_trial_runs, tracker, rows)
+    records("close the runs of unrecorded replicates", close_unrecorded_runs, tracker, rows,
+            role="replicate")
+    write_rows(rows, folder)
+    print(f"\nreplicates (seeds {', '.join(map(str, seeds))}; arm tuned: each cell's chosen "
+          "configuration, arm default: its default one; test accuracy measured once each)")
+    print(table_text(rows, [c for c in COLUMNS if c != "error"]))
+    seconds = time.perf_counter() - t0
+    print(f"replicate phase: {seconds:.0f} s ({rows[0]['concurrency'] if rows else ''})",
+          flush=True)
+    return rows

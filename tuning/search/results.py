@@ -13,9 +13,9 @@ import torch
 
 from data import build_data
 from models import resnet
-from tuning.checkpoint import atomic_write_text, load_checkpoint
-from tuning.config import RunConfig
-from tuning.trainer import CHECKPOINT_NAME, evaluate, resolve_device
+from tuning.run.checkpoint import atomic_write_text, load_checkpoint
+from tuning.run.config import RunConfig
+from tuning.run.trainer import CHECKPOINT_NAME, evaluate, resolve_device
 
 FIRST_COLUMNS = ["cell", "trial_id", "study_trial", "status", "chosen", "method", "dataset",
                  "depth", "val_acc", "test_acc", "train_time", "epochs", "pareto"]

@@ -7,8 +7,8 @@ starts, and the scheduler in `studies` applies them.
 from __future__ import annotations
 
 import math
-from typing import Any
 
+from tuning.search.settings import SearchSettings
 from tuning.search.space import Space
 
 REDUCTION_FACTOR = 2  # successive halving keeps the top half of a cell at each rung
@@ -42,7 +42,7 @@ def settled_fraction(space: Space, epochs: int) -> float:
     A rung before that would judge a trial's lr or eta schedule in mid-course, not the
     trial: early in a schedule, a low lr or a slowly decaying eta looks better than it ends.
     """
-    from tuning.config import RunConfig
+    from tuning.run.config import RunConfig
 
     def highest(key: str, default: float) -> float:
         values = [v for v in space.values_of(key) if v is not None]
@@ -77,14 +77,27 @@ def promotes(value: float, compared: list[float], reduction_factor: int) -> bool
     return value >= ranked[keep - 1]
 
 
-def search_rungs(space: Space, settings: dict[str, Any]) -> tuple[int, ...]:
+def search_rungs(space: Space, settings: SearchSettings) -> tuple[int, ...]:
     """The epochs at which a search's trials are compared within their cell; none under FIFO.
 
     Grid and fixed spaces run FIFO: their points are settings to measure, not candidates; a
     multi-objective search keeps every trial to the end for its Pareto front.
     """
-    if settings["scheduler"] == "fifo" or settings["objective"] == "acc-time" or \
+    if settings.scheduler == "fifo" or settings.objective == "acc-time" or \
             space.kind != "sampled":
         return ()
-    return default_rungs(space, settings["epochs"], REDUCTION_FACTOR,
-                         settings.get("first_rung"))
+    return default_rungs(space, settings.epochs, REDUCTION_FACTOR,
+                         settings.first_rung)
+
+
+def stopping_words(space: Space, settings: SearchSettings, rungs: tuple[int, ...]) -> str:
+    """What the console says of early stopping: its rungs, or why there are none."""
+    if rungs:
+        return f"at epochs {', '.join(map(str, rungs))}, within each cell"
+    if settings.scheduler == "asha" and settings.objective == "acc" and \
+            space.kind == "sampled":
+        first = max(settings.first_rung or FIRST_RUNG_FRACTION,
+                    settled_fraction(space, settings.epochs))
+        return (f"none: the first rung would be at {first:.2f} of training, and "
+                f"{settings.epochs} epochs leave no epoch before the last there")
+    return "none (FIFO)"

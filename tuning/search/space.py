@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from tuning.config import ConfigError, RunConfig
+from tuning.run.config import ConfigError, RunConfig
 from tuning.search.cells import Cell, cells_of
 
 SPACES_DIR = Path(__file__).parent / "spaces"
@@ -456,7 +456,7 @@ class Defaults:
 def default_value(name: str, values: dict[str, Any]) -> Any:
     """The value a run takes for `name` when nothing sets it, given the values that are set
     (its cell and the space's fixed values); None where none applies."""
-    from tuning.config import METHOD_DEFAULTS
+    from tuning.run.config import METHOD_DEFAULTS
 
     method = values.get("method", RunConfig.method)
     if name == "eta_span":

@@ -52,7 +52,7 @@ def write_bytes(location: str | Path, data: bytes) -> None:
     """Write a whole file: atomically on a local disk (temp + rename); an object store's put
     is atomic by itself."""
     if not is_uri(location):
-        from tuning.checkpoint import atomic_write_bytes
+        from tuning.run.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(Path(location), lambda f: f.write(data))
         return
@@ -115,3 +115,53 @@ def check_writable(location: str) -> str | None:
     except Exception as err:  # noqa: BLE001 - any failure means "not writable"
         return str(err).splitlines()[0][:160] if str(err) else type(err).__name__
     return None
+
+
+def storage_uri(path: str) -> str:
+    """A storage location as the search keeps it: a URI as given, a path made absolute."""
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def local_search_dir(where: str, name: str) -> Path:
+    """Where the driver's own files (settings, tables, chosen configs) go: beside Tune's on a
+    local path; for a URI, in ./searches/NAME, and copied beside Tune's state (publish)."""
+    return Path(where) / name if not is_uri(where) else Path("searches").resolve() / name
+
+
+class NameLock:
+    """The lock a driver holds on its search's name while it lives: an flock on
+    `<storage>/.<name>.lock`, so a SIGKILLed driver never leaves it stuck."""
+
+    def __init__(self) -> None:
+        self.handle = None
+
+    def hold(self, folder: Path, name: str) -> None:
+        """Take the lock; a second driver with the same name gets one line naming the first."""
+        import fcntl
+        import socket
+        import time
+
+        from tuning.run.config import UserError
+
+        lock_path = folder.parent / f".{name}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"search {name!r} is being run by {holder}; wait for it to end, "
+                            "or choose another --name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"driver pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the file drops the flock
+            self.handle = None

@@ -29,6 +29,7 @@ from ray.tune.search import Searcher
 
 from tuning.search.cells import Cell, study_name
 from tuning.search.schedule import promotes
+from tuning.search.settings import SearchSettings
 from tuning.search.space import Space, SpaceSampler, cell_defaults, grid_points
 
 RAY_ID = "ray_trial_id"
@@ -364,3 +365,65 @@ def decisions(book: StudyBook, cells: list[Cell]) -> list[dict[str, Any]]:
                     out.append({**record, "ray_trial_id": t.user_attrs.get(RAY_ID),
                                 "study_trial": t.number})
     return out
+
+
+def settle_studies(book: StudyBook, cells: list[Cell], rows: list[dict[str, Any]],
+                   epochs: int) -> None:
+    """Make each study and Tune's table agree. Normally a no-op; after a killed driver it
+    catches what one side heard before the kill and the other did not:
+
+    - a study trial Tune never recorded is marked lost;
+    - a trial Tune finished but its study did not hear of is told now;
+    - a trial its study had already stopped or failed keeps that state, and its row says so
+      (Tune may have run it again from a checkpoint after the resume).
+    """
+    mark_lost(book, cells, known={r["trial_id"] for r in rows})
+    for row in rows:
+        if row["study_trial"] == "":
+            continue
+        cell = next(c for c in cells if c.key == row["cell"])
+        frozen = book.trial(cell, row["study_trial"])
+        if frozen.state == TrialState.FAIL and row["status"] != "FAILED":
+            row["status"] = "FAILED"
+            row["error"] = row["error"] or frozen.user_attrs.get(
+                "failure", "the trial failed before the search driver was killed")
+        elif frozen.state == TrialState.PRUNED and row["status"] == "COMPLETED":
+            row["status"] = "STOPPED_EARLY"
+        elif frozen.state.is_finished():
+            continue
+        elif row["status"] == "STOPPED_EARLY":
+            book.study(cell).tell(row["study_trial"], state=TrialState.PRUNED)
+        else:
+            metrics = dict(row["_result"].metrics or {})
+            tell(book, cell, row["study_trial"], metrics, error=row["status"] == "FAILED",
+                 epochs=epochs)
+
+
+def short_cells(book: StudyBook, cells: list[Cell], epochs: int) -> list[str]:
+    """Cells that could still have taken a trial: under their trial cap and within their
+    epoch budget. Tune returns from an interrupted run (Ctrl-C) as from a finished one, and a
+    trial it stopped on the way out can look ended: only the studies know whether every cell
+    got its budget."""
+    return [c.key for c in cells
+            if any(t.state == TrialState.RUNNING for t in book.counted(c))
+            or book.is_open(c, epochs)]
+
+
+def study_book(settings: SearchSettings, space: Space) -> StudyBook:
+    """The search's studies, with its sampler and budgets."""
+    seed = settings.sampler_seed
+    return StudyBook(settings.optuna_storage, settings.name, space,
+                     seed=settings.seed if seed is None else seed,
+                     multi_objective=settings.objective == "acc-time",
+                     budget=settings.num_samples,
+                     sampler="random" if "random" in settings.sampler else "tpe",
+                     concurrent=settings.max_concurrent != 1,
+                     epoch_budget=settings.budget_epochs or 0)
+
+
+def pareto_fronts(book: StudyBook, cells: list[Cell]) -> dict[str, set[int]] | None:
+    """Each cell's Pareto front of accuracy against time, as its study computes it; None for a
+    single objective."""
+    if not book.multi_objective:
+        return None
+    return {c.key: {t.number for t in book.study(c).best_trials} for c in cells}

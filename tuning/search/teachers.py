@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -12,10 +13,11 @@ from typing import Any
 
 import yaml
 
-from tuning.config import RunConfig
+from tuning.run.config import RunConfig
+from tuning.run.trainer import CHECKPOINT_NAME, MODEL_NAME, train
 from tuning.search import storage
+from tuning.search.settings import SearchSettings
 from tuning.search.space import Space, SpaceError, trial_values
-from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, train
 
 # Fields of a trial's config that a teacher's recipe inherits; the rest is the recipe's own.
 INHERITED = ("dataset", "data_root", "data_path", "val_fraction", "split_seed", "width",
@@ -161,3 +163,25 @@ def train_teacher(recipe: TeacherRecipe, store: str | Path) -> dict[str, Any]:
     else:
         os.replace(partial, final)
     return {"key": recipe.key, "path": target, "trained": True, "metrics": metrics}
+
+
+def train_teachers(space: Space, settings: SearchSettings) -> list[str]:
+    """Train every missing teacher the space can ask for, as parallel Ray tasks."""
+    store = settings.teacher_store
+    recipes = plan_teachers(space, settings.teacher_epochs)
+    missing = [r for r in recipes if not storage.exists(teacher_path(store, r))]
+    print(f"teachers: {len(recipes)} needed, {len(recipes) - len(missing)} in the store "
+          f"{store}", flush=True)
+    paths = [teacher_path(store, r) for r in recipes]
+    if not missing:
+        return paths
+    import ray
+
+    task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial,
+                      max_retries=1)(train_teacher)
+    refs = {task.remote(r, store): r for r in missing}
+    for ref in refs:
+        done = ray.get(ref)
+        acc = done.get("metrics", {}).get("best_val_acc", math.nan)
+        print(f"teacher {done['key']}: val_acc {acc:.4f}", flush=True)
+    return paths

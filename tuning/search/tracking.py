@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuning import envvars
-from tuning.config import RunConfig, UserError
+from tuning.run import envvars
+from tuning.run.config import RunConfig, UserError
+from tuning.search.settings import SearchSettings
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -60,7 +61,7 @@ def git_commit() -> str:
 
 
 def device_name() -> str:
-    from tuning.trainer import describe_device, resolve_device
+    from tuning.run.trainer import describe_device, resolve_device
 
     return describe_device(resolve_device("auto"))
 
@@ -388,8 +389,8 @@ def teacher_run(uri: str, teacher_dir: Path, commit: str) -> str:
     Its curves come from the teacher's last checkpoint, so a teacher trained by an earlier
     search (or logged to another tracking URI) gets its run too.
     """
-    from tuning.checkpoint import load_checkpoint
-    from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, load_model
+    from tuning.run.checkpoint import load_checkpoint
+    from tuning.run.trainer import CHECKPOINT_NAME, MODEL_NAME, load_model
 
     teacher_dir = Path(teacher_dir)
     marker = teacher_dir / "mlflow-runs.txt"
@@ -425,13 +426,13 @@ def teacher_run(uri: str, teacher_dir: Path, commit: str) -> str:
     return run_id
 
 
-def describe(settings: dict[str, Any]) -> str:
+def describe(settings: SearchSettings) -> str:
     """The experiment's note, shown on its page in the MLflow UI."""
-    cells = settings.get("cells") or []
-    return (f"Search **{settings['name']}** of the space `{settings['space_name']}`: "
+    cells = settings.cells
+    return (f"Search **{settings.name}** of the space `{settings.space_name}`: "
             f"{len(cells)} cell(s), each its own Optuna study with "
-            f"{settings.get('trials_per_cell', settings['num_samples'])} trial(s) of "
-            f"{settings['epochs']} epochs, then {settings.get('replicates', 0)} replicate(s) of "
+            f"{settings.trials_per_cell} trial(s) of "
+            f"{settings.epochs} epochs, then {settings.replicates} replicate(s) of "
             "its chosen trial.\n\nCells: " + ", ".join(f"`{c}`" for c in cells) + ".\n\n"
             "Each trial's run is tagged with its `cell`; each cell's chosen trial is tagged "
             "`chosen = true` and has `test/acc`. Accuracies are in %, times in seconds. The "
@@ -439,40 +440,40 @@ def describe(settings: dict[str, Any]) -> str:
             "tables with their spread, and figures) and `best/` (the chosen configs).")
 
 
-def start_parent(uri: str, settings: dict[str, Any], commit: str) -> Tracker:
+def start_parent(uri: str, settings: SearchSettings, commit: str) -> Tracker:
     """The search's experiment and parent run, created once and reopened on resume."""
-    exp = experiment_id(uri, settings["name"], describe(settings))
+    exp = experiment_id(uri, settings.name, describe(settings))
     c = client(uri)
-    parent = settings.get("parent_run_id")
+    parent = settings.parent_run_id
     if parent and not _exists(c, parent):
         # The tracking store was lost or replaced since: a new parent, and the trials' runs
         # are recreated from their checkpoints (see recorder.repair_runs).
         print(f"tracking: the search's parent run {parent} is not in {uri}; it is created "
               "again, and its trials' runs are rebuilt from their checkpoints")
         parent = None
-        settings.pop("parent_run_id", None)
+        settings.parent_run_id = None
     if parent:
         c.update_run(parent, status="RUNNING")
         c.set_tag(parent, "state", "running")
     else:
-        run = c.create_run(exp, run_name=settings["name"],
+        run = c.create_run(exp, run_name=settings.name,
                            tags={"role": "search", "git_commit": commit,
-                                 "space": settings["space_name"]})
+                                 "space": settings.space_name})
         parent = run.info.run_id
         log_params(uri, parent, {
-            "space": settings["space_name"], "space_source": settings["space_source"],
-            "sampler": settings["sampler"], "scheduler": settings["scheduler"],
-            "objective": settings["objective"], "num_samples": settings["num_samples"],
-            "seed": settings["seed"], "epochs": settings["epochs"],
-            "teacher_epochs": settings["teacher_epochs"],
-            "max_concurrent": settings["max_concurrent"],
-            "cells": "; ".join(settings.get("cells", [])),
-            "trials_per_cell": settings.get("trials_per_cell"),
-            "optuna_storage": settings.get("optuna_storage"),
-            "gpus_per_trial": settings["gpus_per_trial"],
-            "cpus_per_trial": settings["cpus_per_trial"],
-            **{f"set.{k}": v for k, v in settings["overrides"].items()}})
-    return Tracker(uri, exp, parent, settings["name"], commit)
+            "space": settings.space_name, "space_source": settings.space_source,
+            "sampler": settings.sampler, "scheduler": settings.scheduler,
+            "objective": settings.objective, "num_samples": settings.num_samples,
+            "seed": settings.seed, "epochs": settings.epochs,
+            "teacher_epochs": settings.teacher_epochs,
+            "max_concurrent": settings.max_concurrent,
+            "cells": "; ".join(settings.cells),
+            "trials_per_cell": settings.trials_per_cell,
+            "optuna_storage": settings.optuna_storage,
+            "gpus_per_trial": settings.gpus_per_trial,
+            "cpus_per_trial": settings.cpus_per_trial,
+            **{f"set.{k}": v for k, v in settings.overrides.items()}})
+    return Tracker(uri, exp, parent, settings.name, commit)
 
 
 def _exists(c, run_id: str) -> bool:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
-import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -17,14 +15,21 @@ import torch
 from ray import tune
 
 from data import DataError
-from tuning.checkpoint import CheckpointError, safe_load, staged
-from tuning.config import RunConfig, UserError
+from tuning.run.checkpoint import CheckpointError, safe_load, staged
+from tuning.run.config import RunConfig, UserError
+from tuning.run.trainer import CHECKPOINT_NAME, MODEL_NAME, DivergedError, OutOfMemory, train
 from tuning.search import storage
+from tuning.search.raytune import (
+    catch_up,
+    checkpoint_index,
+    mend_bookkeeping,
+    quiet_worker,
+    stored_checkpoints,
+)
 from tuning.search.recorder import TRIAL_HTTP, TrialRecorder, use_http_settings
 from tuning.search.space import Space, trial_values
 from tuning.search.teachers import local_teacher_dir, teacher_path, teacher_recipe
 from tuning.search.tracking import Tracker
-from tuning.trainer import CHECKPOINT_NAME, MODEL_NAME, DivergedError, OutOfMemory, train
 
 
 @dataclass
@@ -66,80 +71,6 @@ def report_to_tune(metrics: dict[str, Any], ckpt: Path | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
 
-CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")
-KEEP_CHECKPOINTS = 2  # Tune keeps each trial's newest 2: the current one and its fallback
-
-
-def _index(path: str) -> int:
-    match = CHECKPOINT_DIR.search(PurePosixPath(path).name)
-    return int(match.group(1)) if match else -1
-
-
-def stored_checkpoints(context: SearchContext) -> list[tune.Checkpoint]:
-    """This trial's checkpoints in the search's storage, oldest first by Tune's index.
-
-    They can be newer than the one Tune restores the trial with: a trial stores each
-    checkpoint before the driver hears of it, and the driver saves its view every few seconds.
-    """
-    import pyarrow.fs
-
-    restored = tune.get_checkpoint()
-    if restored is not None:
-        fs, folder = restored.filesystem, str(PurePosixPath(restored.path).parent)
-    elif context.experiment_path:
-        fs, root = pyarrow.fs.FileSystem.from_uri(context.experiment_path)
-        folder = f"{root.rstrip('/')}/{Path(tune.get_context().get_trial_dir()).name}"
-    else:
-        return []
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
-    except OSError:
-        return []
-    found = [i.path for i in infos
-             if i.type == pyarrow.fs.FileType.Directory and _index(i.path) >= 0]
-    return [tune.Checkpoint(p, filesystem=fs) for p in sorted(found, key=_index)]
-
-
-def keep_newest_checkpoint(checkpoint) -> int:
-    """Delete every checkpoint of an ended trial in Tune's storage but `checkpoint`, its
-    newest: that one holds its last model and every epoch's metrics (for `--repair`); the one
-    before it was only a fallback while the trial ran. Call it once Tune has returned: until
-    then a resumed driver may restore from the older one. Returns how many were deleted."""
-    import pyarrow.fs
-
-    if checkpoint is None:
-        return 0
-    fs, folder = checkpoint.filesystem, str(PurePosixPath(checkpoint.path).parent)
-    keep = _index(checkpoint.path)
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
-        older = [i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-                 and 0 <= _index(i.path) < keep]
-        for path in older:
-            fs.delete_dir(path)
-    except OSError:
-        return 0
-    return len(older)
-
-
-def mend_bookkeeping(stored: list[tune.Checkpoint]) -> None:
-    """Put back (empty) the checkpoint folders Tune's restored state still keeps but a killed
-    driver had already deleted after newer epochs. Tune deletes them again at the trial's
-    next checkpoint; a missing one makes that fail and leaves its count of checkpoints behind
-    (ray-project/ray#27790)."""
-    restored = tune.get_checkpoint()
-    if restored is None:
-        return
-    known, have = _index(restored.path), {_index(c.path) for c in stored}
-    folder = PurePosixPath(restored.path).parent
-    for index in range(max(0, known - KEEP_CHECKPOINTS + 1), known):
-        if index not in have:
-            try:
-                restored.filesystem.create_dir(str(folder / f"checkpoint_{index:06d}"))
-            except OSError:
-                pass  # only Tune's log suffers
-
-
 def _fetch(checkpoint: tune.Checkpoint, dst: Path, fix: str) -> dict:
     """Load a stored checkpoint's file and copy it to `dst`; CheckpointError names the file."""
     try:
@@ -163,8 +94,8 @@ def restored_checkpoint(run_dir: Path, stored: list[tune.Checkpoint]) -> tuple[P
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None, {}
-    known = _index(checkpoint.path)
-    older = [c for c in stored if 0 <= _index(c.path) < known][-1:]
+    known = checkpoint_index(checkpoint.path)
+    older = [c for c in stored if 0 <= checkpoint_index(c.path) < known][-1:]
     candidates = [checkpoint, *older]
     dst = run_dir / CHECKPOINT_NAME
     for i, candidate in enumerate(candidates):
@@ -175,44 +106,6 @@ def restored_checkpoint(run_dir: Path, stored: list[tune.Checkpoint]) -> tuple[P
         except CheckpointError as err:
             warnings.warn(str(err), stacklevel=2)
     return None, {}
-
-
-def _epochs(state: dict) -> list[tuple]:
-    return [(h.get("epoch"), h.get("train_time")) for h in state.get("history", [])]
-
-
-def catch_up(run_dir: Path, resume_from: Path | None, state: dict,
-             stored: list[tune.Checkpoint]) -> tuple[Path | None, dict]:
-    """Hand Tune the epochs this trial stored after the checkpoint Tune restored it with.
-
-    A killed driver may not have recorded a trial's last checkpoints. Those epochs are
-    reported again (not trained again), each checkpointed one with its checkpoint and the
-    epochs between with their metrics alone, so Tune's count of epochs stays the trial's.
-    Only checkpoints that continue the current one are taken.
-    """
-    restored = tune.get_checkpoint()
-    known = _index(restored.path) if restored is not None else -1
-    epoch = state.get("epoch", 0)
-    if restored is not None and resume_from is None:
-        return resume_from, state  # a fresh start: nothing stored continues it
-    current, nxt = run_dir / CHECKPOINT_NAME, run_dir / (CHECKPOINT_NAME + ".next")
-    for checkpoint in (c for c in stored if _index(c.path) > known):
-        try:
-            new = _fetch(checkpoint, nxt, f"the trial goes on from epoch {epoch}")
-        except CheckpointError as err:
-            warnings.warn(str(err), stacklevel=2)
-            break
-        later = new.get("epoch", 0)
-        if later <= epoch or len(new.get("history", [])) != later or \
-                _epochs(new)[:epoch] != _epochs(state):
-            break  # it does not continue this trial's epochs (it restarted since, or fell back)
-        os.replace(nxt, current)
-        for metrics in new["history"][epoch:-1]:  # epochs that wrote no checkpoint
-            report_to_tune(dict(metrics), None)
-        report_to_tune(dict(new["history"][-1]), current)
-        resume_from, state, epoch = current, new, later
-    nxt.unlink(missing_ok=True)
-    return resume_from, state
 
 
 def run_starter(context: SearchContext, cfg: RunConfig, sample: dict[str, Any], state: dict):
@@ -233,24 +126,6 @@ def run_starter(context: SearchContext, cfg: RunConfig, sample: dict[str, Any], 
                                        context.teacher_runs.get(cfg.teacher or ""))
 
     return start
-
-
-def quiet_worker() -> None:
-    """Keep the worker's routine chatter out of the driver's console: Ray's note on every
-    stored checkpoint, and the SystemExit Ray's SIGTERM handler raises when Tune ends a cached
-    worker (Python reports it as "Exception ignored" while the process exits anyway)."""
-    import logging
-    import sys
-
-    for name in ("ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    default = sys.__unraisablehook__
-
-    def hook(unraisable) -> None:
-        if not isinstance(unraisable.exc_value, SystemExit):
-            default(unraisable)
-
-    sys.unraisablehook = hook
 
 
 # Errors that would recur if the trial were run again from its checkpoint: a diverged loss,
@@ -313,9 +188,10 @@ def _run(config: dict[str, Any], context: SearchContext, cfg: RunConfig,
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    stored = stored_checkpoints(context)
+    stored = stored_checkpoints(context.experiment_path)
     mend_bookkeeping(stored)
-    resume_from, state = catch_up(run_dir, *restored_checkpoint(run_dir, stored), stored)
+    resume_from, state = catch_up(run_dir, *restored_checkpoint(run_dir, stored), stored,
+                                  fetch=_fetch, report=report_to_tune)
     done["epoch"] = state.get("epoch", 0)
     if done["epoch"] >= cfg.epochs:
         return  # it had finished, and its run ended with its artifacts
@@ -346,3 +222,19 @@ def _run(config: dict[str, Any], context: SearchContext, cfg: RunConfig,
         warnings.warn(f"{err}; starting the trial afresh", stacklevel=2)
         resume_from.unlink(missing_ok=True)
         train(cfg, run_dir, **kwargs)
+
+
+def make_trainable(context: SearchContext, cpus: float, gpus: float):
+    """The trial function with the search's context and each trial's resources."""
+    return tune.with_resources(tune.with_parameters(run_trial, context=context),
+                               {"cpu": cpus, "gpu": gpus})
+
+
+def run_maker(tracker: Tracker, context: SearchContext):
+    """Creates the run of a trial that never got one (its tracking was down all along)."""
+    def start(row: dict[str, Any]) -> str:
+        sample = dict(row["_result"].config or {})
+        cfg = row["_config"]
+        return tracker.start_trial_run(row["trial_id"], "", cfg, sample,
+                                       context.teacher_runs.get(cfg.teacher or ""))
+    return start

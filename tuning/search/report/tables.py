@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuning.stats import Difference, Summary, compare, holm, verdict
+from tuning.search.report.stats import Difference, Summary, compare, holm, verdict
 
 # A table's "method" is the objective, prefixed by the student's block where a search runs
 # across blocks (`repvgg+alignkd`: a RepVGG student distilled by AlignKD).

@@ -21,7 +21,7 @@ from torch import nn
 from data import DataBundle, build_data
 from losses import OBJECTIVES, OWN_MODULES
 from models import freeze, resnet
-from tuning.checkpoint import (
+from tuning.run.checkpoint import (
     CHECKPOINT_FORMAT,
     MODEL_FORMAT,
     CheckpointError,
@@ -30,9 +30,9 @@ from tuning.checkpoint import (
     safe_load,
     save_checkpoint,
 )
-from tuning.config import RunConfig, UserError
-from tuning.step import autocast as _autocast
-from tuning.step import make_optimizer, make_train_step
+from tuning.run.config import RunConfig, UserError
+from tuning.run.step import autocast as _autocast
+from tuning.run.step import make_optimizer, make_train_step
 
 # A listener hears of every epoch: its metrics, and the checkpoint written after it, or None
 # for an epoch that wrote none (see RunConfig.checkpoint_interval_s).
@@ -201,7 +201,7 @@ def load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device) -> nn.M
 def objective_kwargs(cfg: RunConfig, epoch: int) -> dict[str, Any]:
     """The hyperparameters each objective takes, at this epoch (alpha and temperature as
     resolved for the method: RunConfig.resolved). jointrd_released's connectors are not
-    hyperparameters: the train step passes them (tuning.step.make_train_step)."""
+    hyperparameters: the train step passes them (tuning.run.step.make_train_step)."""
     eta = cfg.eta_schedule(epoch)
     alpha, temperature = cfg.resolved("alpha"), cfg.resolved("temperature")
     return {

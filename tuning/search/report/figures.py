@@ -7,9 +7,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tuning.search.importance import CellImportance
-from tuning.search.tables import METHOD_NAMES, finalists, method_key, row_label
-from tuning.stats import Summary
+from tuning.search.report.importance import CellImportance
+from tuning.search.report.stats import Summary
+from tuning.search.report.tables import METHOD_NAMES, finalists, method_key, row_label
 
 COLOURS = {"alignkd": "#1f77b4", "jointrd": "#d62728", "jointrd_released": "#ff7f0e",
            "kd": "#2ca02c", "ce": "#7f7f7f", "repvgg+alignkd": "#9467bd", "repvgg+ce": "#8c564b",

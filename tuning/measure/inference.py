@@ -1,6 +1,6 @@
 """Inference latency and activation memory of the exported ResNet against its Plain-CNNs.
 
-`python -m tuning.bench --inference` (or `python -m tuning.inference`) builds, for ResNet-18
+`python -m tuning.bench --inference` (or `python -m tuning.bench --inference`) builds, for ResNet-18
 and ResNet-34, four deployable networks, every one BN-folded: the ResNet, its Plain-CNN, the
 Dirac Plain-CNN (Dirac folded too) and the RepVGG Plain-CNN (branches folded into one 3x3
 conv). Each runs under ONNX Runtime, TorchScript (traced and frozen) and eager PyTorch at
@@ -34,9 +34,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from models import DiracConv2d, RepConv, fold_batchnorm, resnet
-from tuning.checkpoint import atomic_write_text, check_output_file
-from tuning.config import UserError
-from tuning.trainer import describe_device
+from tuning.run.checkpoint import atomic_write_text, check_output_file
+from tuning.run.config import UserError
+from tuning.run.trainer import describe_device
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "bench" / "results"
 NETWORKS = ("resnet", "plain", "plain-dirac", "plain-repvgg")
@@ -503,7 +503,7 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tuning.inference", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tuning.bench --inference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--depths", type=int, nargs="+", default=[18, 34], choices=[18, 34])
@@ -552,7 +552,7 @@ def _pin_threads(threads: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON; 2 on a user error."""
     args = parse_args(argv)
-    from tuning.trainer import resolve_device  # here: the trainer imports the data stack
+    from tuning.run.trainer import resolve_device  # here: the trainer imports the data stack
 
     try:
         device = resolve_device(args.device)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tuning.config import UserError
+from tuning.run.config import UserError
 
 MODEL_FORMAT = "plainkd-model/1"
 CHECKPOINT_FORMAT = "plainkd-checkpoint/1"

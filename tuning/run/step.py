@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models import param_groups
-from tuning.config import RunConfig
+from tuning.run.config import RunConfig
 
 Result = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
 Step = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], Result]
