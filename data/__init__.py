@@ -3,7 +3,7 @@
 This package never imports ray, mlflow or optuna, so it can be used and tested alone.
 """
 
-from data.arrays import Arrays, DataError, split_indices
+from data.arrays import Arrays, DataError, check_splits, split_indices
 from data.bundle import DataBundle, build_data
 from data.loader import DeviceLoader
 from data.sources import DATASETS, load_arrays
@@ -15,6 +15,7 @@ __all__ = [
     "DataError",
     "DeviceLoader",
     "build_data",
+    "check_splits",
     "load_arrays",
     "split_indices",
 ]

@@ -10,6 +10,7 @@ import numpy as np
 # seed, never the run seed, so the test images are the same in every run and every trial.
 TEST_SPLIT_SEED = 20240229
 TEST_FRACTION = 0.2
+MAX_CLASSES = 100_000  # far above any classification set (ImageNet-21k has 21,841)
 
 
 class DataError(Exception):
@@ -68,6 +69,34 @@ def holdout_split(
     return np.flatnonzero(train_mask).astype(np.int64), test_idx.astype(np.int64)
 
 
+def check_splits(arrays: Arrays, val_fraction: float, split_seed: int, *, name: str,
+                 need_val: bool = False, need_test: bool = False) -> None:
+    """DataError, before any training, when the training split of `arrays` would be empty or
+    a class would keep no training image. A search chooses on validation accuracy and tests
+    what it chose (`need_val`, `need_test`): an empty validation or test split would fail
+    every trial; one training run may leave them empty on purpose (--val-fraction 0)."""
+    n = len(arrays.train_labels)
+    train_idx, val_idx = split_indices(n, val_fraction, split_seed)
+    if len(train_idx) == 0:
+        raise DataError(f"{name} has no training image; add images")
+    if need_val and len(val_idx) == 0:
+        least = 1.0 / n if n else 1.0
+        raise DataError(f"val_fraction {val_fraction} of the {n} training images of {name} "
+                        "leaves no validation image, and a search chooses every trial on its "
+                        f"validation accuracy; pass a val_fraction of at least {least:.3g}")
+    if need_test and len(arrays.test_labels) == 0:
+        raise DataError(f"{name} has no test image; add images (sets without a test split "
+                        f"hold out {TEST_FRACTION:.0%} of each class)")
+    present = np.unique(arrays.train_labels[train_idx])
+    if len(present) < arrays.num_classes:
+        missing = np.setdiff1d(np.arange(arrays.num_classes), present)
+        shown = ", ".join(str(int(c)) for c in missing[:5]) + (", ..." if len(missing) > 5
+                                                               else "")
+        raise DataError(f"with val_fraction {val_fraction} and split_seed {split_seed}, class(es) "
+                        f"{shown} of {name} keep no training image (they went to validation); "
+                        "lower val_fraction, change split_seed, or add images of them")
+
+
 def check_images(images: np.ndarray, what: str, fix: str) -> None:
     """Raise DataError unless `images` is uint8 N x H x W x 3 (the layout all code expects)."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
@@ -88,4 +117,9 @@ def check_labels(labels: np.ndarray, n: int, what: str, fix: str) -> np.ndarray:
         raise DataError(f"{what} has shape {labels.shape}, expected ({n},) integers; {fix}")
     if n and labels.min() < 0:
         raise DataError(f"{what} holds negative labels, expected class indices 0..K-1; {fix}")
+    if n and labels.max() >= MAX_CLASSES:
+        # Checked before anything is made per class: one label of 10**12 would otherwise
+        # ask for 10**12 class names.
+        raise DataError(f"{what} holds the label {int(labels.max())}, but labels are class "
+                        f"indices 0..K-1 with K at most {MAX_CLASSES:,}; {fix}")
     return labels.astype(np.int64)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.arrays import Arrays, split_indices
+from data.arrays import Arrays, check_splits, split_indices
 from data.loader import DeviceLoader
 from data.sources import load_arrays
 
@@ -81,6 +81,7 @@ def build_data(
     # Each split is stored on the device once, as uint8. The test split is the data set's own
     # (or its fixed holdout, see data.arrays.TEST_SPLIT_SEED) and never depends on split_seed.
     arrays: Arrays = load_arrays(name, root, download=download, **kw)
+    check_splits(arrays, val_fraction, split_seed, name=name)
     device = torch.device(device)
     train_idx, val_idx = split_indices(len(arrays.train_labels), val_fraction, split_seed)
     # Index on the host so the device only ever holds each split once (no full-set copy).

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data.arrays import Arrays, DataError, check_images, check_labels, holdout_split
+from data.arrays import (
+    MAX_CLASSES,
+    Arrays,
+    DataError,
+    check_images,
+    check_labels,
+    holdout_split,
+)
 from data.cifar import CIFAR10, CIFAR100, load_cifar
+from data.files import available_memory, not_a_regular_file
 from data.imagewoof import load_imagewoof
 
 DATASETS = ("cifar10", "cifar100", "imagewoof", "npz", "digits")
@@ -78,13 +87,47 @@ def check_classes(
         )
 
 
+NPZ_KEYS = ("images", "labels", "test_images", "test_labels", "classes")
+
+
+def check_npz_sizes(z: np.lib.npyio.NpzFile, path: Path, keys: list[str]) -> None:
+    """DataError before any array is read when a member's header asks for more bytes than
+    the member holds (a damaged or forged header), or the arrays need more memory than this
+    machine has: the sizes come from the headers, not from reading the data."""
+    need = 0
+    for key in keys:
+        try:
+            info = z.zip.getinfo(f"{key}.npy")
+            with z.zip.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(f)
+        except Exception as exc:  # noqa: BLE001 - any damage to the header
+            raise DataError(f"{path} has a damaged array '{key}' ({_reason(exc)}); write the "
+                            f"file again ({NPZ_FORMAT})") from exc
+        if dtype.hasobject:
+            continue  # refused when read: object arrays need pickle
+        size = math.prod(shape) * dtype.itemsize
+        if size > info.file_size:
+            raise DataError(f"{path} array '{key}' declares shape {shape} ({size:,} bytes) but "
+                            f"holds {info.file_size:,}; write the file again ({NPZ_FORMAT})")
+        need += size
+    free = available_memory()
+    if free is not None and need > free:
+        raise DataError(f"{path} needs {need / 2**30:.1f} GB of memory to load, and this "
+                        f"machine has {free / 2**30:.1f} GB available; use a smaller file or "
+                        "a larger machine")
+
+
 def load_npz(path: str | Path | None = None, *, image_size: int | None = None) -> Arrays:
     """A user .npz file; without test_images/test_labels a fixed 20% test split is held out."""
     if path is None:
         raise DataError(f"the npz data set needs path pointing at a .npz file; {NPZ_FORMAT}")
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path} not found; point path at a .npz file ({NPZ_FORMAT})")
+    problem = not_a_regular_file(path)
+    if problem:
+        raise DataError(f"{path} {problem}; point path at a .npz file ({NPZ_FORMAT})")
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as exc:  # not a zip, truncated, a pickle, ...
@@ -100,10 +143,11 @@ def load_npz(path: str | Path | None = None, *, image_size: int | None = None) -
             raise DataError(
                 f"{path} has only one of 'test_images'/'test_labels'; save both or neither"
             )
+        check_npz_sizes(z, path, [k for k in NPZ_KEYS if k in keys])
         try:
             arrays = {
                 k: z[k]
-                for k in ("images", "labels", "test_images", "test_labels", "classes")
+                for k in NPZ_KEYS
                 if k in keys
             }
         except ValueError as exc:  # object arrays need pickle, which is refused on purpose
@@ -138,7 +182,13 @@ def load_npz(path: str | Path | None = None, *, image_size: int | None = None) -
     else:
         test_images = test_labels = None
     if "classes" in arrays:
-        classes = [str(c) for c in np.asarray(arrays["classes"]).reshape(-1)]
+        names = np.asarray(arrays["classes"]).reshape(-1)
+        if len(names) > MAX_CLASSES:
+            raise DataError(f"{path} key 'classes' names {len(names):,} classes, more than "
+                            f"{MAX_CLASSES:,}; save one name per class")
+        # Names saved as bytes (numpy's S dtype) are text, not "b'cat'".
+        classes = [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
+                   for c in names.tolist()]
         top = max(int(labels.max(initial=-1)),
                   -1 if test_labels is None else int(test_labels.max(initial=-1)))
         if top >= len(classes):

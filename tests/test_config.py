@@ -84,7 +84,7 @@ def test_bad_config_file_is_one_line_exit_2(case, tmp_path, capsys, monkeypatch)
 def test_a_folder_or_missing_file_as_config_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "folder").mkdir()
-    for path, expect in ((tmp_path / "folder", "is a directory"),
+    for path, expect in ((tmp_path / "folder", "is a folder, not a file"),
                          (tmp_path / "nope.yaml", "does not exist")):
         code, err = run_cli(["--config", path, "--out", tmp_path / "out"], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and expect in err, err

@@ -422,8 +422,71 @@ def test_npz_malformed_names_key(tmp_path: Path, arrays: dict, key: str) -> None
 def test_npz_needs_existing_path(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="path"):
         load_arrays("npz", tmp_path)
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match="nope.npz does not exist"):
         load_arrays("npz", tmp_path, path=tmp_path / "nope.npz")
+    with pytest.raises(DataError, match="is a folder, not a file"):
+        load_arrays("npz", tmp_path, path=tmp_path)
+    with pytest.raises(DataError, match="/dev/zero is a character device, not a file"):
+        load_arrays("npz", tmp_path, path="/dev/zero")
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)  # reading it would wait for a writer for ever
+    with pytest.raises(DataError, match="is a FIFO"):
+        load_arrays("npz", tmp_path, path=fifo)
+
+
+def test_npz_headers_and_labels_are_checked_before_memory_is_spent(tmp_path: Path) -> None:
+    """A header that declares a huge array, or one label of 10**12, is refused from the
+    sizes alone: nothing is allocated per element or per class."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10**9, 32, 32, 3)})
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(10, np.int64))
+    forged = tmp_path / "forged.npz"
+    with zipfile.ZipFile(forged, "w") as z:
+        z.writestr("images.npy", header.getvalue() + b"\0" * 64)
+        z.writestr("labels.npy", labels.getvalue())
+    with pytest.raises(DataError, match=r"declares shape \(1000000000, 32, 32, 3\)"):
+        load_arrays("npz", tmp_path, path=forged)
+    rng = np.random.default_rng(0)
+    huge = tmp_path / "huge-label.npz"
+    np.savez(huge, images=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
+             labels=np.array([0] * 19 + [10**12]))
+    with pytest.raises(DataError, match=r"holds the label 1000000000000, but labels are class "
+                                         r"indices 0..K-1 with K at most 100,000"):
+        load_arrays("npz", tmp_path, path=huge)
+
+
+def test_class_names_saved_as_bytes_are_text(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "bytes.npz"
+    np.savez(path, images=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(20) % 2, classes=np.array([b"cat", b"dog"]))
+    assert load_arrays("npz", tmp_path, path=path).classes == ["cat", "dog"]
+
+
+def test_a_split_without_validation_images_or_a_class_in_training_is_refused(tmp_path):
+    from data import check_splits, split_indices
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "small.npz"
+    # Class 2 has one image: too few to be held out for testing, so it trains, unless a
+    # validation split takes it.
+    np.savez(path, images=rng.integers(0, 255, (61, 32, 32, 3), dtype=np.uint8),
+             labels=np.array([0] * 30 + [1] * 30 + [2]))
+    arrays = load_arrays("npz", tmp_path, path=path)
+    check_splits(arrays, 0.1, 0, name="small", need_val=True, need_test=True)
+    with pytest.raises(DataError, match="leaves no validation image, and a search chooses"):
+        check_splits(arrays, 0.001, 0, name="small", need_val=True)
+    check_splits(arrays, 0.0, 0, name="small")  # one run may train without validation
+    n = len(arrays.train_labels)
+    seed = next(s for s in range(200)
+                if 2 in arrays.train_labels[split_indices(n, 0.5, s)[1]])
+    with pytest.raises(DataError, match=r"class\(es\) 2 of small keep no training image"):
+        check_splits(arrays, 0.5, seed, name="small")
 
 
 @pytest.mark.skipif(not SHARED_NPZ.is_file(), reason="shared CIFAR-10 subset not present")

@@ -50,7 +50,7 @@ def test_each_space_samples_valid_run_configs(name):
 def test_alignkd_space_searches_what_the_issue_lists():
     space = load_space("alignkd")
     assert {"alpha", "temperature", "eta_kind", "eta_start", "eta_end", "eta_span", "lr",
-            "weight_decay", "feature_loss", "teacher_depth"} <= {p.name for p in space.params}
+            "weight_decay", "feature_loss"} <= {p.name for p in space.params}
     # A data set or a depth is never a hyperparameter: the search runs across them.
     assert space.dims == ("dataset", "depth") and len(space.cells()) == 6
 
@@ -114,16 +114,45 @@ def test_methods_space_runs_each_way_to_a_plain_network_in_its_own_cell():
         assert searched == uses | {"lr", "weight_decay"}, (cfg.method, searched)
 
 
-def test_alignkd_samples_every_feature_loss_and_cross_depth_pairs():
+def test_alignkd_samples_every_feature_loss():
     samples = sample_configs(load_space("alignkd"), n=40)
     assert {s["feature_loss"] for s in samples} == {"mse", "at", "nst"}
-    assert any(s["teacher_depth"] == 34 and s["depth"] == 18 for s in samples)
 
 
-def test_jointrd_space_searches_the_original_student_options():
-    samples = sample_configs(load_space("jointrd"), n=40)
-    assert {s["shortcut"] for s in samples} == {"none", "downsample"}
-    assert {s["dirac"] for s in samples} == {False, True}
+@pytest.mark.parametrize("name", ["alignkd", "jointrd", "compare", "methods", "paper"])
+def test_no_bundled_space_searches_what_it_compares(name):
+    from tuning.search.space import COMPARED
+
+    space = load_space(name)
+    assert not {p.name for p in space.params} & set(COMPARED)
+
+
+@pytest.mark.parametrize("key", ["method", "dataset", "depth", "teacher_depth", "block",
+                                 "dirac", "shortcut", "width", "split_seed", "val_fraction",
+                                 "data_path", "seed"])
+@pytest.mark.parametrize("section", ["params", "grid"])
+def test_what_a_search_compares_is_refused_as_a_hyperparameter(key, section):
+    values = {"method": "[alignkd, jointrd]", "dataset": "[cifar10, cifar100]",
+              "depth": "[18, 34]", "teacher_depth": "[18, 34]", "block": "[plain, repvgg]",
+              "dirac": "[false, true]", "shortcut": "[none, downsample]", "width": "[8, 16]",
+              "split_seed": "[0, 1]", "val_fraction": "[0.1, 0.2]",
+              "data_path": "[/a.npz, /b.npz]", "seed": "[0, 1]"}[key]
+    body = (f"params:\n  {key}: {{type: choice, values: {values}}}\n" if section == "params"
+            else f"grid:\n  {key}: {values}\n")
+    with pytest.raises(SpaceError, match=rf"{section}\.{key}: {key} defines what the search "
+                                         r"compares .* run across it"):
+        parse_space("fixed: {method: alignkd, shortcut: none}\n" + body, source="s.yaml",
+                    name="s")
+
+
+def test_a_teacher_of_another_depth_or_the_original_students_are_cells_of_their_own():
+    space = parse_space("fixed: {method: jointrd}\nacross:\n  depth: [18]\n"
+                        "  teacher_depth: [18, 34]\n  shortcut: [none, downsample]\n"
+                        "params:\n  lam: {type: float, low: 1.0e-4, high: 0.1, log: true}\n",
+                        source="s.yaml", name="s")
+    assert [c.key for c in space.cells()] == [
+        "depth=18,teacher_depth=18,shortcut=none", "depth=18,teacher_depth=18,shortcut=downsample",
+        "depth=18,teacher_depth=34,shortcut=none", "depth=18,teacher_depth=34,shortcut=downsample"]
 
 
 def test_teacher_plan_covers_every_dataset_and_teacher_depth():
@@ -134,9 +163,9 @@ def test_teacher_plan_covers_every_dataset_and_teacher_depth():
     assert sorted((r.config.dataset, r.config.depth) for r in plan) == sorted(
         (d, n) for d in ("cifar10", "cifar100", "imagewoof") for n in (18, 34))
     assert all(r.config.shortcut == "all" and r.config.method == "ce" for r in plan)
-    smoke = plan_teachers(space.with_fixed({"dataset": "digits", "depth": 18, "width": 8}),
+    smoke = plan_teachers(space.with_fixed({"dataset": "digits", "width": 8}),
                           teacher_epochs=4)
-    assert sorted(r.config.depth for r in smoke) == [18, 34]
+    assert sorted(r.config.depth for r in smoke) == [18, 34]  # a teacher per depth cell
 
 
 def _planned_and_asked(space, epochs=3):
@@ -157,9 +186,8 @@ def _planned_and_asked(space, epochs=3):
 ])
 def test_teachers_are_planned_from_each_trials_merged_config(fixed):
     """A recipe field fixed by the space itself (not by --set) reaches the planned teacher."""
-    text = f"fixed:\n  method: alignkd\n  {fixed}\nparams:\n" \
-           "  teacher_depth: {type: choice, values: [18, 34]}\n" \
-           "  alpha: {type: float, low: 0, high: 1}\n"
+    text = f"fixed:\n  method: alignkd\n  {fixed}\nacross:\n  teacher_depth: [18, 34]\n" \
+           "params:\n  alpha: {type: float, low: 0, high: 1}\n"
     space = parse_space(text, source="t.yaml", name="t")
     planned, asked = _planned_and_asked(space)
     assert asked == planned and len(planned) == 2

@@ -29,7 +29,7 @@ from models import freeze, resnet
 from tuning.measure.flops import add_model_ratios, cost_model, ratio
 from tuning.run.checkpoint import atomic_write_text, check_output_file
 from tuning.run.config import METHODS, RunConfig, UserError
-from tuning.run.parsing import Parser
+from tuning.run.console import Parser, refuse
 from tuning.run.step import make_optimizer, make_train_step
 from tuning.run.trainer import describe_device, objective_kwargs, resolve_device
 
@@ -247,6 +247,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--configs takes DEPTHxSIZE pairs such as 18x32, got {args.configs}")
     if any(len(c) != 2 or c[0] not in (18, 34) or c[1] < 16 for c in args.configs):
         p.error("configs need depth 18 or 34 and size >= 16, as DEPTHxSIZE (e.g. 34x32)")
+    for flag in ("batch_size", "batch_size_224", "width", "steps", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1; got {value}")
+    if args.warmup is not None and args.warmup < 0:
+        p.error(f"--warmup must be 0 or more; got {args.warmup}")
     return args
 
 
@@ -326,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_output_file(_given_out(argv), what="results file (--out)", fix=OUT_FIX)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return refuse(err)
     if "--inference" in argv:
         from tuning.measure.inference import main as inference_main
 
@@ -347,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0))))
         report = run(args, device)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     atomic_write_text(out, json.dumps(report, indent=2, allow_nan=False) + "\n")
     print(format_tables(report))
     print(f"wrote {out}")

@@ -31,8 +31,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tuning.run.checkpoint import atomic_write_text
+from tuning.run.checkpoint import atomic_write_text, check_output_file
 from tuning.run.config import UserError
+from tuning.run.console import Parser, refuse
 from tuning.search.report.stats import Summary, paired
 
 STRATEGIES = {"tpe-asha": ["--sampler", "tpe", "--scheduler", "asha"],
@@ -199,8 +200,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tuning.efficiency", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="tuning.efficiency", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", required=True, help="an npz data set (images, labels)")
     p.add_argument("--space", default="alignkd")
     p.add_argument("--width", type=int, default=8)
@@ -224,10 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                             ("--replicates", args.replicates)):
             if value < 1:
                 raise UserError(f"{flag} must be at least 1; got {value}")
+        check_output_file(args.out, what="results file (--out)",
+                          fix="pass --out a .json path in a folder you can write to")
         rows = measure(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     out = Path(args.out)
     atomic_write_text(out, json.dumps(rows, indent=1) + "\n")
     figure = plot(rows, out.with_suffix(".png"))

@@ -36,7 +36,7 @@ from tuning.run.checkpoint import (
     check_output_dir,
 )
 from tuning.run.config import UserError
-from tuning.run.parsing import Parser
+from tuning.run.console import Parser, refuse
 from tuning.run.trainer import MODEL_NAME, load_model
 
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}
@@ -200,6 +200,24 @@ def _finite(value: Any) -> Any:
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
+def check_check_size(batch_size: int, size: int, arch: dict[str, Any]) -> None:
+    """UserError when the output check's batch cannot fit in memory, before it is made. Its
+    peak is about three feature maps of the first stage per image, for each of the networks
+    it runs (the trained one, the folded one, and a runtime's), plus the input."""
+    from data.files import available_memory
+
+    side = size if arch.get("stem", "cifar") == "cifar" else max(1, size // 2)
+    per_image = 4 * (3 * size * size + 3 * 3 * arch.get("width", 64) * side * side)
+    need = (2 * batch_size + 1) * per_image
+    have = available_memory()
+    if have is not None and need > have:
+        fits = max(1, int(have // (2 * per_image)) - 1)
+        raise UserError(f"--batch-size {batch_size} at {size} px needs about "
+                        f"{need / 2**30:,.1f} GB for the output check, more than the "
+                        f"{have / 2**30:.1f} GB this machine has free; pass --batch-size "
+                        f"{min(fits, 1024)} or less")
+
+
 def export(arg: str, out: Path | None, formats: list[str], batch_size: int,
            image_size: int | None) -> int:
     """Export, check and write; returns the exit code. Raises UserError on bad input."""
@@ -212,6 +230,7 @@ def export(arg: str, out: Path | None, formats: list[str], batch_size: int,
     check_output_dir(out_dir, what="export folder", fix=out_fix)
     arch = dict(meta["arch"])
     size = image_size or (32 if arch["stem"] == "cifar" else 224)
+    check_check_size(batch_size, size, arch)
     before = count_layers(net)
     folded = fold_batchnorm(net).eval()
     after = count_layers(folded)
@@ -294,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return export(args.source, args.out, args.formats, args.batch_size, args.image_size)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_leaves
 from models import DiracConv2d, RepConv, fold_batchnorm, resnet
 from tuning.run.checkpoint import atomic_write_text, check_output_file
 from tuning.run.config import UserError
+from tuning.run.console import Parser, refuse
 from tuning.run.trainer import describe_device
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -503,8 +504,8 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tuning.bench --inference", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="tuning.bench --inference", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--depths", type=int, nargs="+", default=[18, 34], choices=[18, 34])
     p.add_argument("--sizes", type=int, nargs="+", default=[32],
@@ -531,8 +532,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.depths, args.sizes, args.batch_sizes = [18], [32], [1, 2]
         args.runs, args.warmup, args.width = 3, 1, 8
-    if min(args.sizes + args.batch_sizes) < 1 or args.runs < 3 or args.warmup < 0:
-        p.error("sizes and batch sizes must be positive, runs at least 3, warmup non-negative")
+    if min(args.sizes + args.batch_sizes) < 1 or args.runs < 3 or args.warmup < 0 or \
+            args.width < 1 or (args.budget_s is not None and not args.budget_s > 0):
+        p.error("sizes, batch sizes and width must be positive, runs at least 3, warmup "
+                "non-negative and --budget-s more than 0")
     if args.threads is None:
         args.threads = max(1, len(os.sched_getaffinity(0)))
     elif args.threads < 1:
@@ -565,8 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output_file(args.markdown, what="markdown file (--markdown)",
                               fix="pass --markdown a file path in a writable folder")
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # pick the fastest conv kernels, as deployed
     threads_before = torch.get_num_threads()

@@ -18,7 +18,6 @@ From these it projects the share of a paper-length trial at a given GPU pace (de
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -33,9 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data import DATASETS
 from models import resnet
 from tuning.run.checkpoint import atomic_write_text, safe_load, save_checkpoint, staged
-from tuning.run.config import RunConfig
+from tuning.run.config import RunConfig, UserError
+from tuning.run.console import Parser, refuse
 from tuning.run.step import make_optimizer
 from tuning.run.trainer import CHECKPOINT_NAME, describe_device, resolve_device, train
 
@@ -180,8 +181,7 @@ def projection(e2e: dict, ckpt: dict, interval: float, epochs: int, epoch_s: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tuning.bench --search-overhead",
-                                description=__doc__.split("\n")[0])
+    p = Parser(prog="tuning.bench --search-overhead", description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--width", type=int, default=None,
                    help="of the end-to-end run (default 64 on CUDA, 16 on the CPU)")
@@ -200,7 +200,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="default bench/results/overhead-<device>.json")
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--width", args.width, 1),
+                             ("--checkpoint-width", args.checkpoint_width, 1),
+                             ("--images", args.images, 1), ("--trials", args.trials, 1),
+                             ("--interval", args.interval, 0),
+                             ("--project-epochs", args.project_epochs, 1)):
+        if value is not None and not value >= low:
+            p.error(f"{flag} must be at least {low}; got {value}")
+    if not args.project_epoch_s > 0:
+        p.error(f"--project-epoch-s must be more than 0; got {args.project_epoch_s}")
+    if args.dataset not in DATASETS or args.dataset == "npz":
+        p.error(f"--dataset must be one of {', '.join(d for d in DATASETS if d != 'npz')} "
+                f"(or --images N for random images); got {args.dataset!r}")
+    try:
+        device = resolve_device(args.device)
+    except UserError as err:
+        return refuse(err)
     width = args.width or (64 if device.type == "cuda" else 16)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

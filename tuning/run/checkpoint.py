@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from data.files import not_a_regular_file
 from tuning.run.config import UserError
 
 MODEL_FORMAT = "plainkd-model/1"
@@ -38,6 +39,15 @@ def _probe(folder: Path, target: Path, what: str, fix: str) -> None:
 def _check_folder(folder: Path, target: Path, what: str, fix: str) -> None:
     """UserError unless `folder` (which will hold `target`, or is it) is a writable folder or
     can be created as one."""
+    try:
+        _check_folder_or_raise(folder, target, what, fix)
+    except OSError as err:  # a name too long, a loop of links, ...: the path itself is bad
+        raise UserError(f"{what} {str(target)[:120]}{'...' if len(str(target)) > 120 else ''} "
+                        f"cannot be used ({err.strerror or type(err).__name__}); {fix}") \
+            from None
+
+
+def _check_folder_or_raise(folder: Path, target: Path, what: str, fix: str) -> None:
     if folder.exists() or folder.is_symlink():
         if not folder.is_dir():
             raise UserError(f"{what} {target} cannot be written: {folder} is a file, not a "
@@ -69,8 +79,15 @@ def check_output_file(path: str | Path, *, what: str = "output file",
     file beside it): it is no folder, and its folder is writable or can be created.
     Creates nothing."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a folder, not a file; {fix}")
+    if len(path.name.encode()) > 255:
+        raise UserError(f"{what} {str(path)[:120]}... cannot be used (its name is longer than "
+                        f"255 bytes); {fix}")
+    try:
+        if path.is_dir():
+            raise UserError(f"{what} {path} is a folder, not a file; {fix}")
+    except OSError as err:
+        raise UserError(f"{what} {str(path)[:120]} cannot be used "
+                        f"({err.strerror or type(err).__name__}); {fix}") from None
     _check_folder(path.parent, path, what, fix)
 
 
@@ -108,8 +125,9 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def safe_load(path: Path, *, what: str, fix: str) -> dict:
     """torch.load with weights_only=True; any damage becomes one CheckpointError line."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist; {fix}")
+    problem = not_a_regular_file(path)
+    if problem:
+        raise CheckpointError(f"{what} {path} {problem}; {fix}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,

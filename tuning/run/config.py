@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from data import DATASETS
+from data.files import read_bounded
 from losses import ETA_KINDS, FEATURE_LOSSES, EtaSchedule
 from models import BLOCK_TYPES, BLOCKS, SHORTCUTS
 
@@ -25,7 +26,8 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     # The paper's alpha; the paper writes no temperature, so tau = 1 (METHOD.md).
     "alignkd": {"alpha": 0.5, "temperature": 1.0},
 }
-PATH_DATASETS = ("npz", "imagewoof")  # the data sets that read data_path
+PATH_DATASETS = ("npz", "imagewoof")
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a page of YAML  # the data sets that read data_path
 # A number as text: YAML reads 1e-3 (no dot) as a string, so a float field converts it.
 FLOAT_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
@@ -208,20 +210,14 @@ class RunConfig:
         import yaml
 
         path = Path(path)
+        data = read_bounded(path, MAX_CONFIG_BYTES)
+        if isinstance(data, str):
+            raise ConfigError(f"config file {path} {data}; pass the path of a YAML run config")
         try:
-            text = path.read_bytes().decode("utf-8")
-            values = yaml.safe_load(text)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist; check the path") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config file {path} is a directory; pass the YAML file in it") \
-                from None
+            values = yaml.safe_load(data.decode("utf-8"))
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?); pass a "
                               "YAML file of key: value lines") from None
-        except OSError as err:
-            raise ConfigError(f"config file {path} cannot be read ({err.strerror or err}); "
-                              "check its permissions") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

@@ -14,7 +14,7 @@ from typing import Any
 from data import DataError
 from tuning.run.checkpoint import atomic_write_text, check_output_dir
 from tuning.run.config import RunConfig, UserError
-from tuning.run.parsing import Parser
+from tuning.run.console import Parser, refuse
 from tuning.run.trainer import CHECKPOINT_NAME, MODEL_NAME, DivergedError, train
 
 HELP = {
@@ -162,10 +162,9 @@ def _run(argv: list[str] | None, config_file: str | None, out: str | None, resum
         final = train(cfg, run_dir, listeners=listeners, evaluate_test=not no_test, quiet=quiet,
                       resume_from=run_dir / CHECKPOINT_NAME if resume else None)
     except (UserError, DataError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return refuse(err)
     except DivergedError as err:
-        print(f"error: {err}", file=sys.stderr)
+        refuse(err)
         return 1
     except KeyboardInterrupt:
         where = f" --out {out}" if out else ""

@@ -14,7 +14,7 @@ and the driver exits 3 with the command that completes the records.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +26,17 @@ from ray import tune
 
 from tuning.run.checkpoint import atomic_write_text
 from tuning.run.config import UserError
+from tuning.run.console import mask_credentials
 from tuning.search import results as res
 from tuning.search import storage, tracking
 from tuning.search.callbacks import run_callbacks
 from tuning.search.cells import Cell
 from tuning.search.raytune import (
     KEEP_CHECKPOINTS,
+    interrupt_code,
     interrupted,
     keep_newest_checkpoint,
+    sigterm_as_interrupt,
     tune_environment,
 )
 from tuning.search.recorder import (
@@ -88,16 +91,20 @@ class Search:
         return self.settings.folder
 
 
-def run_search(settings: SearchSettings, *, address: str | None, resume: bool) -> int:
+def run_search(settings: SearchSettings, *, address: str | None, resume: bool,
+               claim: Callable[[], None] = lambda: None) -> int:
     """The search, phase by phase; the exit code (0, 1 with an empty cell, 3 with records
-    incomplete, 130 interrupted)."""
+    incomplete, 130 interrupted, 143 terminated). `claim` takes the search's name once Ray
+    runs and a trial is known to fit: before it, nothing is written."""
     tune_environment()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with ray_started(address, settings):
+        claim()
         search = open_records(settings)
-        finished = False
+        finished = trials_started = False
         try:
             context = teachers_phase(search)
+            trials_started = True
             grid = search_phase(search, context, resume)
             rows, chosen = settle_phase(search, context, grid)
             test_phase(search, chosen)
@@ -108,11 +115,17 @@ def run_search(settings: SearchSettings, *, address: str | None, resume: bool) -
             finished = True
             return code
         except Interrupted as stop:
+            mark_interrupted(search.tracker, [])
             print(f"\n{stop}; continue with:\n  python -m tuning.search --resume --name "
                   f"{settings.name} --storage-path {settings.storage_path}", flush=True)
-            return INTERRUPTED
+            return interrupt_code()
+        except Exception:
+            if not trials_started and not resume:
+                forget(search)  # it failed before its first trial: its name stays free
+            raise
         finally:
             if not finished:
+                mark_interrupted(search.tracker, [])  # every run it left open ends KILLED
                 end_parent_killed(search.tracker)
 
 
@@ -121,15 +134,16 @@ def run_search(settings: SearchSettings, *, address: str | None, resume: bool) -
 @contextmanager
 def ray_started(address: str | None, settings: SearchSettings) -> Iterator[None]:
     """Start (or join) Ray for the search, check that a trial fits on one of its nodes, and
-    stop a Ray started here at the end."""
+    stop a Ray started here at the end. Within, SIGTERM stops the search as Ctrl-C does."""
     started = False
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  configure_logging=True, logging_level="warning")
         started = True
     try:
-        check_resources(settings)
-        yield
+        with sigterm_as_interrupt():
+            check_resources(settings)
+            yield
     finally:
         if started:
             ray.shutdown()
@@ -172,7 +186,7 @@ def search_phase(search: Search, context: SearchContext, resume: bool):
             else f"{budget} trials")
     print(f"cells: {len(cells)}, {each} each ({', '.join(c.label for c in cells)})"
           f"; early stopping: {stopping_words(search.space, settings, search.rungs)}"
-          f"; studies in {settings.optuna_storage}", flush=True)
+          f"; studies in {mask_credentials(settings.optuna_storage)}", flush=True)
     trainable = make_trainable(context, settings.cpus_per_trial, settings.gpus_per_trial)
     experiment = settings.experiment_path
     if resume and tune.Tuner.can_restore(experiment):
@@ -325,7 +339,8 @@ def publish_phase(search: Search, chosen: dict[str, dict[str, Any]], configs: di
         print(f"\nthe training is done and its results are in {folder}, but MLflow could not "
               f"{'; nor '.join(records.failed)}. When the tracking server answers, complete "
               f"the records with:\n  python -m tuning.report {settings.name} --repair "
-              f"--storage-path {settings.storage_path} --tracking-uri {tracker.uri}")
+              f"--storage-path {settings.storage_path} --tracking-uri "
+              f"{mask_credentials(tracker.uri)}")
         return RECORDS_INCOMPLETE
     empty = [c.label for c in search.cells if c.key not in chosen]
     if empty:
@@ -369,6 +384,27 @@ def publish(folder: Path, settings: SearchSettings) -> None:
     base = storage.join(settings.storage_path, settings.name)
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         storage.upload(path, storage.join(base, *path.relative_to(folder).parts))
+
+
+def forget(search: Search) -> None:
+    """Undo what a search wrote before it failed without a trial: its search.yaml, its empty
+    folders and its MLflow parent run, so that the same command may run again. Teachers it
+    trained stay in the store, for any search to reuse."""
+    folder = search.folder
+    (folder / SETTINGS_FILE).unlink(missing_ok=True)
+    if storage.is_uri(search.settings.storage_path):
+        storage.delete(storage.join(search.settings.storage_path, search.settings.name,
+                                    SETTINGS_FILE))
+    try:
+        folder.rmdir()  # the name lock goes with it when the driver ends (NameLock.release)
+    except OSError:
+        pass  # not empty: it holds something the user may want
+    try:
+        tracking.client(search.tracker.uri).delete_run(search.tracker.parent_run_id)
+    except Exception:  # noqa: BLE001 - a tracking outage: the run stays, KILLED
+        pass
+    print(f"the search {search.settings.name!r} failed before its first trial; its name is "
+          "free again", flush=True)
 
 
 def end_parent_killed(tracker: tracking.Tracker) -> None:

@@ -12,7 +12,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from data import load_arrays
+from data import check_splits, load_arrays
 from tuning.run.config import RunConfig, UserError
 from tuning.search import storage
 from tuning.search.settings import SearchSettings
@@ -22,12 +22,13 @@ from tuning.search.tracking import check_reachable
 
 
 def preflight(settings: SearchSettings, *, address: str | None, resume: bool,
-              force: bool) -> None:
-    """The search's input, its devices, data, teachers and every store it will open."""
-    check_address(address)
+              force: bool) -> str | None:
+    """The search's input, its devices and resources, every store it will open, the size of
+    its networks, then its data: the one check that may download (into --data-root) runs
+    last, once everything else is known good. The cluster's address, resolved."""
+    address = check_address(address)
     space = settings.space()
-    check_gpus(settings, address)
-    check_data(space)
+    check_devices(space, settings, address)
     check_teacher(space)
     plan_teachers(space, settings.teacher_epochs)  # a range it cannot plan: one line
     check_reachable(settings.tracking_uri)
@@ -38,33 +39,118 @@ def preflight(settings: SearchSettings, *, address: str | None, resume: bool,
         if problem:
             raise UserError(f"{flag} {where} is not writable ({problem}); choose a folder "
                             "(or a bucket) you can write to")
+    check_memory(space, settings)
     if not resume:
         check_space_free(space, settings, force)
+    check_data(space)
+    return address
 
 
-def check_address(address: str | None) -> None:
-    """Fail fast, in one line, when --address names nothing that answers."""
-    if not address or address == "auto" or "://" in address:
-        return
+def check_address(address: str | None) -> str | None:
+    """The cluster to join, checked to answer within seconds; one line naming the address
+    that does not. `auto` is resolved as Ray resolves it (RAY_ADDRESS, else the cluster
+    `ray start --head` last started on this machine)."""
+    if not address or "://" in address:
+        return address
+    if address == "auto":
+        from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+        found = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None) or next(
+            iter(find_gcs_addresses()), None)
+        if not found:
+            raise UserError("--address auto finds no Ray cluster: RAY_ADDRESS is not set and "
+                            "no `ray start --head` runs on this machine; start one, or pass "
+                            "its address as HOST:PORT")
+        address = found
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
     except (OSError, ValueError):
-        raise UserError(f"no Ray cluster answers at --address {address}; start one with "
+        raise UserError(f"no Ray cluster answers at {address} (--address); start one with "
                         "`ray start --head` or fix the address") from None
+    return address
 
 
-def check_gpus(settings: SearchSettings, address: str | None) -> None:
-    """A trial that asks for GPUs a local machine does not have would wait for ever."""
-    if settings.gpus_per_trial <= 0 or address:
-        return  # a cluster's GPUs are checked once it is joined (driver.check_resources)
+def local_cpus() -> int:
+    """The CPUs this process may use (its affinity), as a local Ray counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+
+
+def check_devices(space: Space, settings: SearchSettings, address: str | None) -> None:
+    """A trial must get what it asks for: GPUs this machine has, a CUDA device only with a
+    GPU to run on, and no more CPUs than the machine has; else it would wait for ever, or
+    fail in every trial. A cluster's resources are checked once it is joined."""
+    devices = {str(d) for d in space.values_of("device")} or {RunConfig.device}
+    cuda = sorted(d for d in devices if d.startswith("cuda"))
+    if cuda and settings.gpus_per_trial <= 0:
+        raise UserError(f"--set device={cuda[0]} asks for a GPU, but a trial gets one only "
+                        "with --gpus-per-trial > 0; pass --gpus-per-trial, or drop "
+                        f"--set device={cuda[0]}")
+    if address:
+        return
     import torch
 
     have = torch.cuda.device_count()
-    if have == 0 or settings.gpus_per_trial > have:
+    if settings.gpus_per_trial > 0 and (have == 0 or settings.gpus_per_trial > have):
         raise UserError(f"--gpus-per-trial {settings.gpus_per_trial:g} asks for more GPUs "
                         f"than this machine has ({have}); pass --gpus-per-trial 0 to train on "
                         "the CPU, or join a cluster with GPUs (--address)")
+    if settings.cpus_per_trial > local_cpus():
+        raise UserError(f"--cpus-per-trial {settings.cpus_per_trial:g} asks for more CPUs "
+                        f"than this machine has ({local_cpus()}); lower it, or join a "
+                        "cluster (--address)")
+
+
+def network_parameters(space: Space) -> list[int]:
+    """The parameter count of each cell's student, counted on PyTorch's meta device: the
+    networks' shapes alone, without their memory."""
+    import torch
+
+    from models import resnet
+    from tuning.search.space import trial_values
+
+    counts = []
+    for cell in space.cells():
+        cfg = RunConfig(**trial_values(space, cell.as_dict()))
+        classes = 100 if cfg.dataset == "cifar100" else 10
+        with torch.device("meta"):
+            net = resnet(cfg.depth, shortcut=cfg.shortcut, num_classes=classes,
+                         width=cfg.width, stem="imagenet" if cfg.dataset == "imagewoof"
+                         else "cifar", block=cfg.block)
+        counts.append(sum(p.numel() for p in net.parameters()))
+    return counts
+
+
+def check_memory(space: Space, settings: SearchSettings) -> None:
+    """Refuse networks that cannot fit, before any is built: each trial holds its student's
+    weights, gradients and momentum and a teacher of about its size (4 copies, float32)."""
+    from data.files import available_memory
+
+    largest = max(network_parameters(space))
+    need = 4 * 4 * largest
+    if settings.gpus_per_trial > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            return  # a cluster's GPUs: the trials meet them there
+        total = torch.cuda.get_device_properties(0).total_memory
+        have = total * min(1.0, settings.gpus_per_trial)
+        where = f"{min(1.0, settings.gpus_per_trial):g} of a {total / 2**30:.0f} GB GPU"
+    else:
+        have = available_memory()
+        if have is None:
+            return
+        running = settings.max_concurrent or max(1, int(local_cpus() //
+                                                        settings.cpus_per_trial))
+        need *= running
+        where = f"the {have / 2**30:.1f} GB this machine has free, for {running} trial(s) at once"
+    if need > have:
+        widths = space.values_of("width") or (RunConfig.width,)
+        raise UserError(f"the networks (width {', '.join(map(str, widths))}) have up to "
+                        f"{largest / 1e6:,.0f} M parameters and need about "
+                        f"{need / 2**30:.1f} GB for weights, gradients, momentum and teacher "
+                        f"alone, more than {where}; lower the width (--set width=...)")
 
 
 def check_optuna_storage(url: str) -> None:
@@ -86,11 +172,18 @@ def check_optuna_storage(url: str) -> None:
 
 
 def check_data(space: Space) -> None:
-    """Every data set the space can ask for must be loadable before any trial starts."""
+    """Every data set the space can ask for must be loadable, and every split of it that a
+    trial can use must leave training and validation images of every class, before any trial
+    starts."""
     for name in space.values_of("dataset") or (RunConfig.dataset,):
         values = {k: v for k, v in space.fixed.items() if k in RUN_KEYS}
         cfg = RunConfig.from_dict({**values, "dataset": name}, source="the search's settings")
-        load_arrays(name, cfg.data_root, download=cfg.download, **cfg.data_options())
+        arrays = load_arrays(name, cfg.data_root, download=cfg.download, **cfg.data_options())
+        label = Path(cfg.data_path).stem if cfg.data_options() else name
+        for val_fraction in space.values_of("val_fraction") or (cfg.val_fraction,):
+            for split_seed in space.values_of("split_seed") or (cfg.split_seed,):
+                check_splits(arrays, val_fraction, split_seed, name=label, need_val=True,
+                             need_test=True)
 
 
 def check_teacher(space: Space) -> None:
@@ -126,17 +219,7 @@ def expected_storage(space: Space, settings: SearchSettings) -> tuple[int, str]:
     checkpoint in storage and three in its local folder; each teacher, a checkpoint and a
     model.
     """
-    from models import resnet
-    from tuning.search.space import trial_values
-
-    sizes = []
-    for cell in space.cells():
-        cfg = RunConfig(**trial_values(space, cell.as_dict()))
-        classes = 100 if cfg.dataset == "cifar100" else 10
-        net = resnet(cfg.depth, shortcut=cfg.shortcut, num_classes=classes, width=cfg.width,
-                     stem="imagenet" if cfg.dataset == "imagewoof" else "cifar",
-                     block=cfg.block)
-        sizes.append(4 * sum(p.numel() for p in net.parameters()))
+    sizes = [4 * n for n in network_parameters(space)]
     arms = 2 if settings.baseline != "none" else 1
     per_cell = settings.trials_per_cell + arms * settings.replicates
     ended = sum(3 * size * per_cell for size in sizes)  # a checkpoint (2x) and a model each

@@ -35,6 +35,11 @@ release changes one, its test fails, and the workaround can be deleted.
    warns whenever saving the experiment takes longer than a threshold
    (`tune_environment`). In the workers, Ray's SIGTERM handler raises SystemExit when Tune
    ends a cached worker, which Python reports as "Exception ignored" (`quiet_worker`).
+7. **`ray.init` gives the driver a SIGTERM handler that calls `sys.exit`.** Raised in the
+   middle of Tune's loop, that exit aborts Ray's core (SIGABRT, exit 134, a C++ dump) instead
+   of stopping the search; Tune itself stops gracefully on SIGINT only (and SIGUSR1).
+   `sigterm_as_interrupt` hands SIGTERM to Tune as SIGINT, so that schedulers and `timeout`
+   stop a search as Ctrl-C does, and the command exits 143 (`interrupt_code`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import warnings
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -220,3 +226,29 @@ def quiet_worker() -> None:
             default(unraisable)
 
     sys.unraisablehook = hook
+
+
+_TERMINATED = False  # (7) set when this process was asked to stop by SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """(7) Within, SIGTERM interrupts the search as SIGINT does (Tune saves its state and
+    returns, or a KeyboardInterrupt reaches the command). Install it after `ray.init`."""
+    global _TERMINATED
+
+    def handler(signum, frame) -> None:
+        global _TERMINATED
+        _TERMINATED = True
+        signal.raise_signal(signal.SIGINT)
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def interrupt_code() -> int:
+    """The exit code of an interrupted command: 143 after SIGTERM (128 + 15), else 130."""
+    return 128 + signal.SIGTERM if _TERMINATED else 128 + signal.SIGINT

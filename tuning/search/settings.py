@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from data.files import read_bounded
 from tuning.run.config import ConfigError, UserError
 from tuning.search import storage
 from tuning.search.space import Space, parse_space
@@ -35,11 +36,12 @@ BASELINES = ("default", "none")
 SAMPLERS = ("tpe", "random", "multi-objective tpe", "grid", "none")
 
 
-def check_name(name: str) -> None:
+def check_name(name: str, flag: str = "--name") -> None:
     """A search's name becomes a folder, an experiment and a study prefix: letters, digits,
-    dots, dashes and underscores, no separator, not `.` or `..`."""
+    dots, dashes and underscores, no separator, not `.` or `..`. Every command that takes a
+    search's name checks it here."""
     if not isinstance(name, str) or not NAME.fullmatch(name) or name in (".", ".."):
-        raise UserError(f"--name {name!r} is not a valid search name; use letters, digits, '.', "
+        raise UserError(f"{flag} {name!r} is not a valid search name; use letters, digits, '.', "
                         "'-' and '_' (up to 100, starting with a letter or digit), no '/'")
 
 
@@ -184,15 +186,14 @@ class SearchSettings:
         import yaml
 
         fix = "restore it from a backup, or start the search again under a new --name"
+        data = read_bounded(path, MAX_SETTINGS_BYTES)
+        if isinstance(data, str):
+            raise UserError(f"{path} {data}; {fix}")
         try:
-            if not path.is_file():
-                raise UserError(f"{path} is not a file; {fix}")
-            if path.stat().st_size > MAX_SETTINGS_BYTES:
-                raise UserError(f"{path} is larger than any search.yaml this project writes; "
-                                f"{fix}")
-            values = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
-            raise UserError(f"{path} cannot be read ({type(err).__name__}); {fix}") from None
+            values = yaml.safe_load(data.decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            kind = "not valid YAML" if isinstance(err, yaml.YAMLError) else "not UTF-8 text"
+            raise UserError(f"{path} is {kind}; {fix}") from None
         try:
             return cls.from_dict(values, source=str(path))
         except ConfigError as err:

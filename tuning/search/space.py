@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from data.files import not_a_regular_file, read_bounded
 from tuning.run.config import ConfigError, RunConfig
 from tuning.search.cells import Cell, cells_of
 
@@ -40,6 +42,17 @@ EXTRA_KEYS = {"eta_span"}
 ALIASES = {"eta_epochs": "eta_span", "eta_span": "eta_epochs"}
 # The search's own budget and bookkeeping: set with --epochs, never searched or run across.
 NOT_SEARCHABLE = {"epochs", "device", "data_root", "checkpoint_interval_s"}
+# What a search compares, and the data and seed it compares on: never searched, only run
+# across (a cell per value) or fixed. Searched, trials of different data sets, networks or
+# methods would compete for one budget and one choice, or a split, seed or teacher would be
+# chosen for its luck on the validation set.
+COMPARED = {"method": "the method", "dataset": "the data set", "depth": "the student's depth",
+            "teacher_depth": "the teacher", "teacher": "the teacher",
+            "block": "the student's network", "dirac": "the student's network",
+            "shortcut": "the student's network", "width": "the networks' width",
+            "data_path": "the data", "split_seed": "the data's splits",
+            "val_fraction": "the data's splits", "download": "the data", "seed": "the seed "
+            "every trial and replicate is measured under", "compile": "how a run executes"}
 META_KEYS = ("cell", "study_trial", "default")  # what a trial's Tune config carries besides
 # its run values; `default` marks the cell's default configuration
 
@@ -144,12 +157,10 @@ def available_spaces() -> list[str]:
 def resolve_space_path(name_or_path: str) -> Path:
     """A bundled space's name, or a path to a user's YAML file."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if path.is_dir():
-            raise SpaceError(f"space file {path} is a folder; pass a bundled space "
-                             f"({', '.join(available_spaces())}) or a YAML file's path")
-        if not path.is_file():
-            raise SpaceError(f"space file {path} does not exist; pass a bundled space "
+    if path.suffix in (".yaml", ".yml") or os.path.lexists(path) or "/" in name_or_path:
+        problem = not_a_regular_file(path)
+        if problem:
+            raise SpaceError(f"space file {path} {problem}; pass a bundled space "
                              f"({', '.join(available_spaces())}) or a YAML file's path")
         return path
     bundled = SPACES_DIR / f"{name_or_path}.yaml"
@@ -164,17 +175,13 @@ MAX_SPACE_BYTES = 64 << 10  # a space is a page of YAML; anything larger is not 
 
 def load_space(name_or_path: str) -> Space:
     path = resolve_space_path(name_or_path)
+    data = read_bounded(path, MAX_SPACE_BYTES)
+    if isinstance(data, str):
+        raise SpaceError(f"{path}: (file): {data}; a space file is a page of YAML")
     try:
-        data = path.read_bytes() if path.stat().st_size <= MAX_SPACE_BYTES else None
-        if data is None:
-            raise SpaceError(f"{path}: (file): larger than {MAX_SPACE_BYTES // 1024} KB; a space "
-                             "file is a page of YAML")
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise SpaceError(f"{path}: (file): not a text (UTF-8) file; pass a YAML space file") \
-            from None
-    except OSError as err:
-        raise SpaceError(f"{path}: (file): cannot be read ({err.strerror}); check the path") \
             from None
     return parse_space(text, source=str(path), name=path.stem)
 
@@ -224,6 +231,13 @@ def parse_space(text: str, *, source: str, name: str) -> Space:
         if key in searched:
             raise fail(f"across.{key}", "is both run across and searched; a cell's dimension "
                                         "is never a hyperparameter, so keep one")
+    for n in searched:
+        if n in COMPARED:
+            section = "grid" if n in grid else "params"
+            raise fail(f"{section}.{n}", f"{n} defines what the search compares "
+                                         f"({COMPARED[n]}), so it is never searched; run "
+                                         f"across it (across: {{{n}: [...]}}, a cell per value) "
+                                         f"or fix it (fixed:, or --set {n}=...)")
     names = searched + list(across)
     for dup in sorted({n for n in names if names.count(n) > 1 or n in fixed}):
         raise fail(dup, "is both fixed and searched, or searched twice; keep one")

@@ -103,18 +103,28 @@ def check_writable(location: str) -> str | None:
         else:
             # Creates nothing: a refused search must leave no folder behind. The nearest
             # existing folder must take a new entry (the missing ones are made later).
-            target = Path(location).absolute()
-            existing = next(p for p in (target, *target.parents) if p.exists())
-            if not existing.is_dir():
-                return f"{existing} is a file, not a folder"
-            if existing == target:
-                Path(probe).touch()
-                Path(probe).unlink()
-            elif not os.access(existing, os.W_OK | os.X_OK):
-                return f"{existing} cannot be written to (permission denied)"
+            from tuning.run.checkpoint import check_output_dir
+            from tuning.run.config import UserError
+
+            try:
+                check_output_dir(location, what="the folder", fix="")
+            except UserError as err:
+                return str(err).removeprefix("the folder ").rstrip("; ")
     except Exception as err:  # noqa: BLE001 - any failure means "not writable"
         return str(err).splitlines()[0][:160] if str(err) else type(err).__name__
     return None
+
+
+def delete(location: str | Path) -> None:
+    """Delete a file if it is there."""
+    if not is_uri(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = _fs(str(location))
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def storage_uri(path: str) -> str:
@@ -134,6 +144,7 @@ class NameLock:
 
     def __init__(self) -> None:
         self.handle = None
+        self.folder: Path | None = None
 
     def hold(self, folder: Path, name: str) -> None:
         """Take the lock; a second driver with the same name gets one line naming the first."""
@@ -159,9 +170,13 @@ class NameLock:
         handle.write(f"driver pid {os.getpid()} on {socket.gethostname()}, since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
-        self.handle = handle
+        self.handle, self.folder = handle, folder
 
     def release(self) -> None:
+        """Drop the lock; with no search left in its folder (refused, or forgotten after a
+        failure before its first trial), the lock file goes too."""
         if self.handle is not None:
+            if self.folder is not None and not self.folder.exists():
+                Path(self.handle.name).unlink(missing_ok=True)
             self.handle.close()  # closing the file drops the flock
             self.handle = None

@@ -17,6 +17,7 @@ from typing import Any
 
 from tuning.run import envvars
 from tuning.run.config import RunConfig, UserError
+from tuning.run.console import mask_credentials
 from tuning.search.settings import SearchSettings
 
 DEFAULT_DB = "mlflow.db"
@@ -380,7 +381,7 @@ def where_to_look(tracker: Tracker, optuna_storage: str | None = None) -> str:
     if optuna_storage:
         lines.append(f"Optuna: one study per cell in {optuna_storage}")
         lines.append(f"  optuna-dashboard {optuna_storage} --host 127.0.0.1 --port 8080")
-    return "\n".join(lines)
+    return mask_credentials("\n".join(lines))
 
 
 def teacher_run(uri: str, teacher_dir: Path, commit: str) -> str:
@@ -448,8 +449,9 @@ def start_parent(uri: str, settings: SearchSettings, commit: str) -> Tracker:
     if parent and not _exists(c, parent):
         # The tracking store was lost or replaced since: a new parent, and the trials' runs
         # are recreated from their checkpoints (see recorder.repair_runs).
-        print(f"tracking: the search's parent run {parent} is not in {uri}; it is created "
-              "again, and its trials' runs are rebuilt from their checkpoints")
+        print(f"tracking: the search's parent run {parent} is not in "
+              f"{mask_credentials(uri)}; it is created again, and its trials' runs are rebuilt "
+              "from their checkpoints")
         parent = None
         settings.parent_run_id = None
     if parent:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 from tuning.run.config import ConfigError, RunConfig, UserError
-from tuning.run.parsing import Parser
+from tuning.run.console import Parser, refuse
 from tuning.search import storage
 from tuning.search.preflight import check_address
 from tuning.search.raytune import loopback_only
-from tuning.search.settings import DEFAULTS, SETTINGS_FILE, SearchSettings
+from tuning.search.settings import DEFAULTS, SETTINGS_FILE, SearchSettings, check_name
 from tuning.search.tracking import check_reachable
 
 
@@ -59,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="join an existing Ray cluster (host:port or auto)")
     args = p.parse_args(argv)
     try:
+        check_name(args.name, "NAME")
         if args.replicates < 1:
             raise UserError(f"--replicates must be 1 or more (runs per chosen configuration); "
                             f"got {args.replicates}")
@@ -77,12 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                             f"pass --replicates {before} to continue them")
         if args.tracking_uri:
             settings.tracking_uri = args.tracking_uri
-        check_address(args.address)
+        args.address = check_address(args.address)
         check_reachable(settings.tracking_uri)
         settings.space()  # a space that no longer parses: one line, before anything runs
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     settings.replicates = args.replicates
     settings.write(folder)
     with loopback_only(args.address):  # Ray is first imported in _run
@@ -93,6 +92,8 @@ def _run(settings: SearchSettings, chosen: list[dict], folder: Path,
          address: str | None) -> int:
     from tuning.search import tracking
     from tuning.search.driver import ray_started
+    from tuning.search.raytune import interrupt_code
+    from tuning.search.recorder import mark_interrupted
     from tuning.search.replicates import replicate_phase
     from tuning.search.report.build import build
     from tuning.search.teachers import local_teacher_dir
@@ -115,12 +116,17 @@ def _run(settings: SearchSettings, chosen: list[dict], folder: Path,
             if replicate_phase(settings, context, tracker, chosen, folder) is None:
                 print(f"\nthe replicates were interrupted; run the same command again to "
                       f"continue them: python -m tuning.replicate {settings.name}", flush=True)
-                return 130
+                return interrupt_code()
         text, _ = build(tracker.uri, settings.name, folder / "report")
         print(text)
         tracking.finish_parent(tracker, [folder / "replicates.csv"], {})
         status = "FINISHED"
         return 0
+    except KeyboardInterrupt:  # a second Ctrl-C, while Tune saved its state
+        print(f"\ninterrupted; run the same command again to continue: python -m "
+              f"tuning.replicate {settings.name}", flush=True)
+        return interrupt_code()
     finally:
         if status != "FINISHED":
+            mark_interrupted(tracker, [])  # every replicate's run left open ends KILLED
             tracking.client(tracker.uri).set_terminated(tracker.parent_run_id, status=status)

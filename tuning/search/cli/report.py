@@ -11,14 +11,14 @@ with figures, and logged to the search's parent run.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from tuning.run.checkpoint import check_output_dir
 from tuning.run.config import UserError
-from tuning.run.parsing import Parser
+from tuning.run.console import Parser, refuse
 from tuning.search import storage
 from tuning.search.report.build import build
-from tuning.search.settings import DEFAULTS, SETTINGS_FILE, SearchSettings
+from tuning.search.settings import DEFAULTS, SETTINGS_FILE, SearchSettings, check_name
 from tuning.search.tracking import check_reachable, default_tracking_uri
 
 
@@ -60,14 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     uri = default_tracking_uri(args.tracking_uri)
     try:
+        if args.name is not None:
+            check_name(args.name, "NAME")
+        if args.out is not None:  # before anything is read or repaired
+            check_output_dir(args.out, what="report folder (--out)",
+                             fix="pass a folder that can be created and written")
         if args.repair:
             uri = repair(args)
         else:
             check_reachable(uri, create=False)  # a report reads; it creates no store
         text, files = build(uri, args.name, Path(args.out) if args.out else None)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     print(text)
     for path in files:
         print(f"written: {path}")

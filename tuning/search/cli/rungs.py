@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from tuning.run.checkpoint import atomic_write_text
+from tuning.run.checkpoint import atomic_write_text, check_output_file
 from tuning.run.config import UserError
-from tuning.run.parsing import Parser
+from tuning.run.console import Parser, refuse
 from tuning.search import storage
 from tuning.search.rungs import measure, table_text
-from tuning.search.settings import DEFAULTS, SETTINGS_FILE, SearchSettings
+from tuning.search.settings import DEFAULTS, SETTINGS_FILE, SearchSettings, check_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="JSON file to write (default: rung-correlation.json in the search)")
     args = p.parse_args(argv)
     try:
+        check_name(args.name, "NAME")
         folder = storage.local_search_dir(storage.storage_uri(args.storage_path), args.name)
         path = folder / SETTINGS_FILE
         if not path.is_file():
@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"search {args.name!r} ran {settings.scheduler}: its finished "
                             "trials survived its own rungs, so rho would be biased. Measure on "
                             "a --scheduler fifo pilot")
+        out = Path(args.out) if args.out else folder / "rung-correlation.json"
+        check_output_file(out, what="results file (--out)",
+                          fix="pass --out a .json path in a folder you can write to")
         result = measure(settings)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else folder / "rung-correlation.json"
+        return refuse(err)
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(table_text(result))
     print(f"written: {out}")

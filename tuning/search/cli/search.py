@@ -19,7 +19,7 @@ import yaml
 
 from data import DataError
 from tuning.run.config import ConfigError, RunConfig, UserError
-from tuning.run.parsing import Parser
+from tuning.run.console import Parser, mask_credentials, refuse
 from tuning.search import storage
 from tuning.search.preflight import check_name_free, check_trusted, preflight
 from tuning.search.raytune import loopback_only
@@ -176,6 +176,51 @@ def check_choose(rule: str, objective: str) -> None:
                         "which only --objective acc-time searches; add it, or drop --choose")
 
 
+# Settings a flag and a --set can both give: flag -> (its value in args, the --set key).
+SAME_SETTING = {"--epochs": ("epochs", "epochs"), "--seed": ("seed", "seed"),
+                "--data-root": ("data_root", "data_root"),
+                "--no-download": ("no_download", "download")}
+
+
+def merge_same_settings(args: argparse.Namespace, overrides: dict[str, Any],
+                        given: dict[str, Any]) -> None:
+    """One setting said twice (a flag and its --set) must be said alike: else refused."""
+    for flag, (attr, key) in SAME_SETTING.items():
+        value = getattr(args, attr)
+        if attr == "no_download":
+            value = False if value else None  # --no-download means download: false
+        if value is None or key not in overrides:
+            continue
+        if overrides[key] != value and not (key == "data_root" and Path(overrides[key])
+                                            .resolve() == Path(value).resolve()):
+            shown = "--no-download" if attr == "no_download" else f"{flag} {value}"
+            raise UserError(f"{shown} and --set {key}={overrides[key]} say different things; "
+                            "keep one")
+    for attr, key in SAME_SETTING.values():
+        if key in ("epochs", "seed") and key in overrides:
+            given[key] = overrides[key]  # --set epochs=N is --epochs N
+        elif attr == "data_root" and args.data_root is not None:
+            overrides["data_root"] = args.data_root
+        elif attr == "no_download" and args.no_download:
+            overrides["download"] = False
+
+
+def apply_smoke(overrides: dict[str, Any], given: dict[str, Any]) -> None:
+    """The smoke search's defaults where nothing else gives a value; where something does,
+    it wins, and the console says so."""
+    for key, value in SMOKE.items():
+        if key in overrides and overrides[key] != value:
+            print(f"smoke: {key} {overrides[key]} (from --set), not the smoke search's {value}",
+                  flush=True)
+        overrides.setdefault(key, value)
+    for key, value in SMOKE_SETTINGS.items():
+        if given[key] is not None and given[key] != value:
+            print(f"smoke: {key} {given[key]} (given), not the smoke search's {value}",
+                  flush=True)
+        elif given[key] is None:
+            given[key] = value
+
+
 def default_optuna_storage(tracking_uri: str) -> str:
     """Beside the MLflow SQLite store; with a tracking server, in the working folder."""
     if tracking_uri.startswith("sqlite:///"):
@@ -192,17 +237,16 @@ def resolve_settings(args: argparse.Namespace) -> SearchSettings:
     space = load_space(args.space or "alignkd")
     overrides = parse_overrides(args.set)
     given = {k: getattr(args, k) for k in KEPT_ON_RESUME}
+    merge_same_settings(args, overrides, given)
     if args.smoke:
-        overrides = {**SMOKE, **overrides}
-        given.update({k: v for k, v in SMOKE_SETTINGS.items() if given[k] is None})
+        apply_smoke(overrides, given)
     budget_only = given["budget_epochs"] is not None and given["num_samples"] is None
     for key in ("num_samples", "scheduler", "objective", "cpus_per_trial", "replicates",
                 "baseline", "choose"):
         given[key] = DEFAULTS[key] if given[key] is None else given[key]
     check_choose(given["choose"], given["objective"])
-    overrides["data_root"] = str(Path(args.data_root or DEFAULTS["data_root"]).resolve())
-    if args.no_download:
-        overrides["download"] = False
+    overrides["data_root"] = str(Path(overrides.get("data_root") or DEFAULTS["data_root"])
+                                 .resolve())
     if given["seed"] is not None:
         overrides["seed"] = given["seed"]  # like --set seed=N
     if given["epochs"] is not None:
@@ -260,6 +304,27 @@ def resolve_settings(args: argparse.Namespace) -> SearchSettings:
     return settings
 
 
+def check_resume_flags(args: argparse.Namespace, settings: SearchSettings) -> None:
+    """A flag a resumed search cannot honour is refused, never ignored: a resume keeps the
+    settings in its search.yaml (--tracking-uri and --address may change, and say so)."""
+    keep = f"a resumed search keeps its settings ({SETTINGS_FILE})"
+    if args.smoke:
+        raise UserError(f"--smoke starts a new search; {keep}: drop --smoke")
+    if args.force:
+        raise UserError(f"--force applies to a new search's disk check; {keep}: drop --force")
+    if args.data_root is not None and str(Path(args.data_root).resolve()) != \
+            settings.overrides.get("data_root"):
+        raise UserError(f"{keep}: its data root is {settings.overrides.get('data_root')}; "
+                        f"drop --data-root {args.data_root}, or start a new search")
+    if args.no_download and settings.overrides.get("download", True):
+        raise UserError(f"{keep}, which download missing data; drop --no-download, or start "
+                        "a new search")
+    if args.teacher_store is not None and \
+            storage.storage_uri(args.teacher_store) != settings.teacher_store:
+        raise UserError(f"{keep}: its teachers are in {settings.teacher_store}; drop "
+                        f"--teacher-store {args.teacher_store}, or start a new search")
+
+
 def load_resume_settings(args: argparse.Namespace) -> SearchSettings:
     """A resumed search's settings, from its search.yaml; a flag that would change them is
     refused."""
@@ -284,7 +349,10 @@ def load_resume_settings(args: argparse.Namespace) -> SearchSettings:
                         "and --storage-path, or start it without --resume")
     settings = SearchSettings.read(path)
     check_trusted(path.parent, args.name)
-    if args.tracking_uri:
+    check_resume_flags(args, settings)
+    if args.tracking_uri and args.tracking_uri != settings.tracking_uri:
+        print(f"tracking: the search's records go to {mask_credentials(args.tracking_uri)} "
+              f"(--tracking-uri), not {mask_credentials(settings.tracking_uri)}", flush=True)
         settings.tracking_uri = args.tracking_uri
     if args.space:
         space = load_space(args.space)
@@ -321,37 +389,50 @@ def load_resume_settings(args: argparse.Namespace) -> SearchSettings:
     return settings
 
 
+def check_new_name(settings: SearchSettings) -> None:
+    """A new search's name must be free in its storage, its tracking store and its studies."""
+    exists = (settings.folder / SETTINGS_FILE).exists() or (
+        storage.is_uri(settings.storage_path) and storage.exists(
+            storage.join(settings.storage_path, settings.name, SETTINGS_FILE)))
+    if exists:
+        raise UserError(f"a search named {settings.name!r} already exists in "
+                        f"{settings.storage_path}; pass --resume to continue it, or a new "
+                        "--name")
+    check_name_free(settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = args.name or "<name>"
     lock = storage.NameLock()
+
+    def claim() -> None:
+        """The name, once Ray runs and a trial fits on it: from here on, this driver's alone
+        (the lock creates the storage folder, so a refused search leaves none behind)."""
+        lock.hold(settings.folder, settings.name)
+        if not args.resume:
+            check_new_name(settings)  # again: another driver may have taken it meanwhile
+
     try:
         settings = load_resume_settings(args) if args.resume else resolve_settings(args)
         name = settings.name
-        # Every check that writes nothing comes before the name's lock, which creates the
-        # storage folder: a refused search leaves no folder behind.
-        preflight(settings, address=args.address, resume=args.resume, force=args.force)
-        lock.hold(settings.folder, settings.name)  # from here on, this driver's alone
-        exists = (settings.folder / SETTINGS_FILE).exists() or (
-            storage.is_uri(settings.storage_path) and storage.exists(
-                storage.join(settings.storage_path, settings.name, SETTINGS_FILE)))
-        if not args.resume and exists:
-            raise UserError(f"a search named {settings.name!r} already exists in "
-                            f"{settings.storage_path}; pass --resume to continue it, or "
-                            "a new --name")
+        # Every check runs before Ray starts and before anything is written.
+        address = preflight(settings, address=args.address, resume=args.resume,
+                            force=args.force)
         if not args.resume:
-            check_name_free(settings)
-        with loopback_only(args.address):
+            check_new_name(settings)
+        with loopback_only(address):
             # Ray is imported only once the input is known good.
             from tuning.search.driver import run_search
 
-            return run_search(settings, address=args.address, resume=args.resume)
+            return run_search(settings, address=address, resume=args.resume, claim=claim)
     except (UserError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err)
     except KeyboardInterrupt:
+        from tuning.search.raytune import interrupt_code
+
         print(f"\ninterrupted; continue with: python -m tuning.search --resume --name {name}",
               file=sys.stderr)
-        return 130
+        return interrupt_code()
     finally:
         lock.release()

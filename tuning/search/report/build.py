@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tuning.run.checkpoint import atomic_write_text
+from tuning.run.checkpoint import atomic_write_text, check_output_dir
 from tuning.run.config import UserError
 from tuning.search.report.tables import (
     csv_text,
@@ -137,6 +137,7 @@ def build(uri: str, name: str | None, out: Path | None = None, *,
     runs = search_runs(uri, exp, parent)
     rows = tables(runs, teacher_accuracies(uri, runs))
     out = Path(out or Path("reports") / exp.name)
+    check_output_dir(out, what="report folder", fix="pass --out a folder you can write to")
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows)
     storage = parent.data.params.get("optuna_storage")
