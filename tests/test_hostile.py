@@ -51,6 +51,79 @@ def test_ctrl_c_is_an_interrupted_search_not_a_finished_one(tmp_path):
     assert all(r["status"] != "RUNNING" for found in runs.values() for r in found)
 
 
+def _stopped_like_ctrl_c(tmp_path: Path, name: str, text: str, code: int, expect: int) -> None:
+    """What an interrupted search must leave: the exit code, the resume hint, nothing chosen,
+    the parent run KILLED and tagged, and no run of the search left RUNNING."""
+    from mlflow import MlflowClient
+
+    assert code == expect, text[-3000:]
+    assert "Traceback" not in text and "SIGTERM received" not in text, text[-3000:]
+    assert f"--resume --name {name}" in text
+    assert parent_status(tracking_uri(tmp_path), name) == ["KILLED"]
+    client = MlflowClient(tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+    parent = next(r for r in runs if r.data.tags.get("role") == "search")
+    assert parent.data.tags["state"] == "interrupted"
+
+
+def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path):
+    """Schedulers and `timeout` send SIGTERM: exit 143, the resume hint, every run KILLED,
+    and the search resumes."""
+    name = "term"
+    log = tmp_path / "driver.log"
+    proc = spawn_search(long_search(tmp_path, name), log)
+    try:
+        wait_for(trial_checkpointed(tmp_path, name), 420, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=180)
+    finally:
+        kill_group(proc)
+    _stopped_like_ctrl_c(tmp_path, name, log.read_text(), code, 143)
+    assert not (tmp_path / "ray" / name / "results.csv").exists()
+    log = tmp_path / "resume.log"
+    resumed = spawn_search(search_args(tmp_path, name, "--resume"), log)
+    try:
+        wait_for(lambda: "started" in log.read_text() or "restarted" in log.read_text(), 300,
+                 resumed, log)
+    finally:
+        kill_group(resumed)
+
+
+def test_sigterm_during_the_replicates_ends_their_runs_too(tmp_path):
+    name = "term-rep"
+    log = tmp_path / "driver.log"
+    proc = spawn_search(search_args(tmp_path, name, "--set", "checkpoint_interval_s=0",
+                                    "--num-samples", "1", "--epochs", "1", "--scheduler",
+                                    "fifo", "--max-concurrent", "1", replicates=2), log)
+    replicates = tmp_path / "ray" / name / "replicates"
+    try:
+        wait_for(lambda: list(replicates.glob("run_trial_*")), 420, proc, log)
+        time.sleep(3)  # its run exists
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=180)
+    finally:
+        kill_group(proc)
+    _stopped_like_ctrl_c(tmp_path, name, log.read_text(), code, 143)
+    assert "the replicates were interrupted" in log.read_text()
+
+
+def test_two_quick_ctrl_cs_leave_no_run_running(tmp_path):
+    name = "twice-c"
+    log = tmp_path / "driver.log"
+    proc = spawn_search(long_search(tmp_path, name), log)
+    try:
+        wait_for(trial_checkpointed(tmp_path, name), 420, proc, log)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)  # while Tune saves its state
+        code = proc.wait(timeout=180)
+    finally:
+        kill_group(proc)
+    _stopped_like_ctrl_c(tmp_path, name, log.read_text(), code, 130)
+
+
 def test_a_second_driver_under_the_same_name_is_refused(tmp_path):
     name = "twice"
     log = tmp_path / "first.log"

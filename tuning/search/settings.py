@@ -130,8 +130,8 @@ class SearchSettings:
 
     def space(self) -> Space:
         """The search's space, with its --set values fixed."""
-        return parse_space(self.space_text, source=self.space_source,
-                           name=self.space_name).with_fixed(self.overrides)
+        return parse_space(self.space_text, source=self.space_source, name=self.space_name,
+                           started=True).with_fixed(self.overrides)
 
     @property
     def folder(self) -> Path:

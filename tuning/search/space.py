@@ -186,8 +186,10 @@ def load_space(name_or_path: str) -> Space:
     return parse_space(text, source=str(path), name=path.stem)
 
 
-def parse_space(text: str, *, source: str, name: str) -> Space:
-    """Parse and validate a space's YAML; every error names the file and the key."""
+def parse_space(text: str, *, source: str, name: str, started: bool = False) -> Space:
+    """Parse and validate a space's YAML; every error names the file and the key. A space
+    read back from a search that `started` under earlier rules keeps what it searched (the
+    rule that nothing compared is searched holds for new searches)."""
     def fail(key: str, message: str) -> SpaceError:
         return SpaceError(f"{source}: {key}: {message}")
 
@@ -232,7 +234,7 @@ def parse_space(text: str, *, source: str, name: str) -> Space:
             raise fail(f"across.{key}", "is both run across and searched; a cell's dimension "
                                         "is never a hyperparameter, so keep one")
     for n in searched:
-        if n in COMPARED:
+        if n in COMPARED and not started:
             section = "grid" if n in grid else "params"
             raise fail(f"{section}.{n}", f"{n} defines what the search compares "
                                          f"({COMPARED[n]}), so it is never searched; run "

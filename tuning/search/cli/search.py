@@ -363,7 +363,7 @@ def load_resume_settings(args: argparse.Namespace) -> SearchSettings:
     if args.set:
         changed = {**settings.overrides, **parse_overrides(args.set)}
         space = parse_space(settings.space_text, source=settings.space_source,
-                            name=settings.space_name).with_fixed(changed)
+                            name=settings.space_name, started=True).with_fixed(changed)
         cells = [c.key for c in space.cells()]
         if cells != settings.cells:
             raise UserError(f"search {args.name!r} runs the cells {', '.join(settings.cells)}"
