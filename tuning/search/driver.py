@@ -28,7 +28,7 @@ from tuning.run.checkpoint import atomic_write_text
 from tuning.run.config import UserError
 from tuning.run.console import mask_credentials
 from tuning.search import results as res
-from tuning.search import storage, tracking
+from tuning.search import storage, tracking, warmstart
 from tuning.search.callbacks import run_callbacks
 from tuning.search.cells import Cell
 from tuning.search.raytune import (
@@ -100,7 +100,7 @@ def run_search(settings: SearchSettings, *, address: str | None, resume: bool,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with ray_started(address, settings):
         claim()
-        search = open_records(settings)
+        search = open_records(settings, resume)
         finished = trials_started = False
         try:
             context = teachers_phase(search)
@@ -149,7 +149,7 @@ def ray_started(address: str | None, settings: SearchSettings) -> Iterator[None]
             ray.shutdown()
 
 
-def open_records(settings: SearchSettings) -> Search:
+def open_records(settings: SearchSettings, resume: bool = False) -> Search:
     """The MLflow parent run (new, or reopened), its saved views, and the cells' studies."""
     space = settings.space()
     commit = tracking.git_commit()
@@ -160,8 +160,15 @@ def open_records(settings: SearchSettings) -> Search:
     tracking.save_views(tracker, [p.name for p in space.params] + list(space.grid),
                         list(space.dims))
     use_http_settings(DRIVER_HTTP)  # after Ray started: the workers set their own
+    seeds = {} if resume else warmstart.plan(settings, space)
+    if seeds:
+        print(warmstart.describe(seeds), flush=True)
+    if settings.proxy_width:
+        print(f"proxy: the trials run at width {settings.proxy_width}; each cell's chosen "
+              f"and default configurations are replicated at width {settings.target_width}",
+              flush=True)
     return Search(settings=settings, space=space, cells=space.cells(),
-                  book=study_book(settings, space), rungs=search_rungs(space, settings),
+                  book=study_book(settings, space, seeds), rungs=search_rungs(space, settings),
                   tracker=tracker, commit=commit)
 
 
@@ -169,6 +176,8 @@ def teachers_phase(search: Search) -> SearchContext:
     """Every teacher the space can ask for, trained once; the context every trial shares."""
     settings, tracker = search.settings, search.tracker
     teachers = train_teachers(search.space, settings)
+    if settings.proxy_width:  # the replicates' teachers, at the space's own width
+        teachers += train_teachers(settings.target_space(), settings)
     teacher_runs = {p: tracking.teacher_run(tracker.uri, local_teacher_dir(p), search.commit)
                     for p in teachers}
     return SearchContext(space=search.space, teacher_store=settings.teacher_store,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from data import check_splits, load_arrays
 from tuning.run.config import RunConfig, UserError
-from tuning.search import storage
+from tuning.search import storage, warmstart
 from tuning.search.settings import SearchSettings
 from tuning.search.space import RUN_KEYS, Space
 from tuning.search.teachers import plan_teachers
@@ -40,7 +40,13 @@ def preflight(settings: SearchSettings, *, address: str | None, resume: bool,
             raise UserError(f"{flag} {where} is not writable ({problem}); choose a folder "
                             "(or a bucket) you can write to")
     check_memory(space, settings)
+    if settings.proxy_width:  # the replicates train at the space's own width
+        target = settings.target_space()
+        check_teacher(target)
+        plan_teachers(target, settings.teacher_epochs)
+        check_memory(target, settings)
     if not resume:
+        warmstart.plan(settings, space)  # a search it cannot start from: one line
         check_space_free(space, settings, force)
     check_data(space)
     return address

@@ -163,17 +163,31 @@ def default_config(context: SearchContext, cell_key: str) -> RunConfig:
                                **cell_defaults(context.space, cell).values})
 
 
+def at_width(cfg: RunConfig, width: int, context: SearchContext) -> RunConfig:
+    """`cfg` at another width, with the teacher of that width (a proxy search's replicates)."""
+    from tuning.search.teachers import teacher_path, teacher_recipe
+
+    values = {**cfg.to_dict(), "width": width}
+    if cfg.method != "ce" and not context.space.fixed.get("teacher"):
+        values["teacher"] = None
+        values["teacher"] = teacher_path(context.teacher_store, teacher_recipe(
+            RunConfig(**values), context.teacher_epochs))
+    return RunConfig(**values)
+
+
 def replicate_arms(context: SearchContext, finals: list[dict[str, Any]],
-                   baseline: bool) -> list[dict[str, Any]]:
+                   baseline: bool, width: int | None = None) -> list[dict[str, Any]]:
     """Each cell's tuned arm (its chosen trial) and, with a baseline, its default arm; a cell
     whose chosen configuration is its default trains it once."""
     arms = []
     for final in finals:
-        arms.append({**final, "arm": "tuned"})
-        if baseline:
-            default = default_config(context, final["cell"])
-            if not same_recipe(default, final["config"]):
-                arms.append({"cell": final["cell"], "arm": "default", "config": default})
+        tuned, default = final["config"], default_config(context, final["cell"])
+        chose_default = same_recipe(default, tuned)
+        if width is not None:  # searched at a proxy width: the answer is for this one
+            tuned, default = at_width(tuned, width, context), at_width(default, width, context)
+        arms.append({**final, "config": tuned, "arm": "tuned"})
+        if baseline and not chose_default:
+            arms.append({"cell": final["cell"], "arm": "default", "config": default})
     return arms
 
 
@@ -197,7 +211,8 @@ def replicate_phase(settings: SearchSettings, context: SearchContext, tracker: t
     none), again under the search's replicate seeds; None when interrupted."""
     records = records or Records()
     t0 = time.perf_counter()
-    arms = replicate_arms(context, finals, settings.baseline != "none")
+    arms = replicate_arms(context, finals, settings.baseline != "none",
+                          settings.target_width if settings.proxy_width else None)
     seeds = replicate_seeds(settings.seed, settings.replicates)
     rows = run_replicates(settings, context, arms, seeds,
                           callbacks=run_callbacks(tracker, context, settings.epochs,

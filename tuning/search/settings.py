@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data.files import read_bounded
-from tuning.run.config import ConfigError, UserError
+from tuning.run.config import ConfigError, RunConfig, UserError
 from tuning.search import storage
 from tuning.search.space import Space, parse_space
 
@@ -77,6 +77,9 @@ class SearchSettings:
     budget_epochs: int | None = None
     sampler_seed: int | None = None  # None: the samplers take `seed`
     first_rung: float | None = None  # None: the measured default rule
+    warm_start: str | None = None  # a finished search whose best configurations start it
+    warm_start_top: int = 3  # how many of each matching cell's
+    proxy_width: int | None = None  # search at this width; replicate at the space's own
     parent_run_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -102,6 +105,14 @@ class SearchSettings:
             raise ConfigError(f"cpus_per_trial must be more than 0; got {self.cpus_per_trial}")
         if not (math.isfinite(self.gpus_per_trial) and self.gpus_per_trial >= 0):
             raise ConfigError(f"gpus_per_trial must be 0 or more; got {self.gpus_per_trial}")
+        if self.warm_start is not None:
+            check_name(self.warm_start, "--warm-start")
+            if self.warm_start == self.name:
+                raise ConfigError("--warm-start names the search itself; name a finished one")
+        if self.warm_start_top < 1:
+            raise ConfigError(f"warm_start_top must be at least 1; got {self.warm_start_top}")
+        if self.proxy_width is not None and self.proxy_width < 1:
+            raise ConfigError(f"proxy_width must be at least 1; got {self.proxy_width}")
         if self.sampler_seed is not None and self.sampler_seed < 0:
             raise ConfigError(f"sampler_seed must be 0 or more; got {self.sampler_seed}")
         if self.first_rung is not None and not (math.isfinite(self.first_rung) and
@@ -129,9 +140,19 @@ class SearchSettings:
         return self.seed if self.sampler_seed is None else self.sampler_seed
 
     def space(self) -> Space:
-        """The search's space, with its --set values fixed."""
+        """The space the search's trials run in: its --set values fixed, and the proxy width
+        where there is one."""
+        proxy = {"width": self.proxy_width} if self.proxy_width else {}
+        return self.target_space().with_fixed(proxy) if proxy else self.target_space()
+
+    def target_space(self) -> Space:
+        """The space its answer is for: the one its replicates train in."""
         return parse_space(self.space_text, source=self.space_source, name=self.space_name,
                            started=True).with_fixed(self.overrides)
+
+    @property
+    def target_width(self) -> int:
+        return int(self.overrides.get("width", RunConfig.width))
 
     @property
     def folder(self) -> Path:

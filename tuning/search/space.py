@@ -53,8 +53,9 @@ COMPARED = {"method": "the method", "dataset": "the data set", "depth": "the stu
             "data_path": "the data", "split_seed": "the data's splits",
             "val_fraction": "the data's splits", "download": "the data", "seed": "the seed "
             "every trial and replicate is measured under", "compile": "how a run executes"}
-META_KEYS = ("cell", "study_trial", "default")  # what a trial's Tune config carries besides
-# its run values; `default` marks the cell's default configuration
+# What a trial's Tune config carries besides its run values: `default` marks the cell's
+# default configuration, `warm_start_from` one queued from a finished search.
+META_KEYS = ("cell", "study_trial", "default", "warm_start_from")
 
 
 class SpaceError(ConfigError):
@@ -428,7 +429,7 @@ class SpaceSampler:
             if p.type == "choice":
                 out[p.name] = trial.suggest_categorical(p.name, list(p.values))
                 continue
-            low, high = _decaying(p, {**chosen, **out})
+            low, high = decaying_range(p, {**chosen, **out})
             suggest = trial.suggest_int if p.type == "int" else trial.suggest_float
             out[p.name] = suggest(p.name, low, high, log=p.log)
         return out
@@ -437,7 +438,7 @@ class SpaceSampler:
         return {k: list(v) for k, v in self.space.grid.items()}
 
 
-def _decaying(p: Param, chosen: dict[str, Any]) -> tuple[float, float]:
+def decaying_range(p: Param, chosen: dict[str, Any]) -> tuple[float, float]:
     """A range narrowed so that eta decays whichever of start and end is fixed or chosen."""
     low, high = p.low, p.high
     if p.name == "eta_end" and "eta_start" in chosen:
@@ -501,7 +502,7 @@ def cell_defaults(space: Space, cell: Cell) -> Defaults:
     chosen: dict[str, Any] = {**space.fixed, **cell.as_dict()}
     for key, options in space.grid.items():
         values[key] = default_value(key, base)
-        enqueued[key] = _inside(values[key], Param(key, "choice", values=options), clipped)
+        enqueued[key] = inside_space(values[key], Param(key, "choice", values=options), clipped)
     for p in space.params:
         if not p.active({**chosen, **enqueued}):
             continue
@@ -509,13 +510,13 @@ def cell_defaults(space: Space, cell: Cell) -> Defaults:
         if value is None:
             continue  # nothing to default to: the sampler proposes it
         values[p.name] = value
-        narrowed = Param(p.name, p.type, *_decaying(p, {**chosen, **enqueued}), log=p.log,
+        narrowed = Param(p.name, p.type, *decaying_range(p, {**chosen, **enqueued}), log=p.log,
                          values=p.values)
-        enqueued[p.name] = _inside(value, narrowed, clipped)
+        enqueued[p.name] = inside_space(value, narrowed, clipped)
     return Defaults(values, enqueued, tuple(clipped))
 
 
-def _inside(value: Any, p: Param, clipped: list[str]) -> Any:
+def inside_space(value: Any, p: Param, clipped: list[str]) -> Any:
     """`value` if the parameter's space holds it, else the nearest value it holds."""
     if p.type == "choice":
         if value in p.values:

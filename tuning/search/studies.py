@@ -44,6 +44,7 @@ def cell_seed(seed: int, cell: Cell) -> int:
 
 
 DEFAULT = "default"  # the user attribute of each cell's enqueued default configuration
+WARM = "warm_start_from"  # ... and of a configuration queued from a finished search
 OBJECTIVES = {False: ["val_acc"], True: ["val_acc", "train_time"]}  # the studies' metric names
 
 
@@ -57,10 +58,12 @@ class StudyBook:
 
     def __init__(self, storage: str, search: str, space: Space, *, seed: int,
                  multi_objective: bool, budget: int, sampler: str = "tpe",
-                 concurrent: bool = True, epoch_budget: int = 0) -> None:
+                 concurrent: bool = True, epoch_budget: int = 0,
+                 warm: dict[str, list] | None = None) -> None:
         self.storage_url, self.search, self.space = storage, search, space
         self.seed, self.multi_objective, self.budget = seed, multi_objective, budget
         self.sampler_kind, self.concurrent, self.epoch_budget = sampler, concurrent, epoch_budget
+        self.warm = warm or {}  # cell key -> warm-start seeds, queued when the study is made
         self._studies: dict[str, optuna.Study] = {}
         self._storage = None
 
@@ -70,7 +73,7 @@ class StudyBook:
     def __setstate__(self, state: dict) -> None:
         # A searcher pickled before these settings existed resumes with their old behaviour.
         self.__dict__.update({"sampler_kind": "tpe", "concurrent": True, "epoch_budget": 0,
-                              **state})
+                              "warm": {}, **state})
 
     @property
     def storage(self):
@@ -128,6 +131,11 @@ class StudyBook:
                     study.set_user_attr(DEFAULT, {"params": defaults.enqueued,
                                                   "clipped": list(defaults.clipped)})
                     study.enqueue_trial(defaults.enqueued, user_attrs={DEFAULT: True})
+                # Then the best configurations of a finished search's matching cell, each
+                # once (a seed equal to one already queued is not queued again).
+                for seed in self.warm.get(cell.key, []):
+                    study.enqueue_trial(seed.params, user_attrs={WARM: seed.origin},
+                                        skip_if_exists=True)
             self._studies[cell.key] = study
         return self._studies[cell.key]
 
@@ -217,8 +225,9 @@ class CellSearcher(Searcher):
         counts[cell.key] += 1
         self.known.add(trial_id)
         self.live[trial_id] = (cell.key, trial.number)
-        default = {DEFAULT: True} if trial.user_attrs.get(DEFAULT) else {}
-        return {"cell": cell.key, "study_trial": trial.number, **default, **cell.as_dict(),
+        marks = {key: trial.user_attrs[key] for key in (DEFAULT, WARM)
+                 if trial.user_attrs.get(key)}
+        return {"cell": cell.key, "study_trial": trial.number, **marks, **cell.as_dict(),
                 **params}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
@@ -409,8 +418,9 @@ def short_cells(book: StudyBook, cells: list[Cell], epochs: int) -> list[str]:
             or book.is_open(c, epochs)]
 
 
-def study_book(settings: SearchSettings, space: Space) -> StudyBook:
-    """The search's studies, with its sampler and budgets."""
+def study_book(settings: SearchSettings, space: Space,
+               warm: dict[str, list] | None = None) -> StudyBook:
+    """The search's studies, with its sampler, budgets and warm-start seeds."""
     seed = settings.sampler_seed
     return StudyBook(settings.optuna_storage, settings.name, space,
                      seed=settings.seed if seed is None else seed,
@@ -418,7 +428,7 @@ def study_book(settings: SearchSettings, space: Space) -> StudyBook:
                      budget=settings.num_samples,
                      sampler="random" if "random" in settings.sampler else "tpe",
                      concurrent=settings.max_concurrent != 1,
-                     epoch_budget=settings.budget_epochs or 0)
+                     epoch_budget=settings.budget_epochs or 0, warm=warm)
 
 
 def pareto_fronts(book: StudyBook, cells: list[Cell]) -> dict[str, set[int]] | None:

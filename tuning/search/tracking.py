@@ -235,6 +235,8 @@ def run_label(cfg: RunConfig, sample: dict[str, Any] | None = None) -> str:
         label += f" · #{int(sample['study_trial']):02d}"
     if sample.get("default") or sample.get("arm") == "default":
         label += " · default"
+    elif sample.get("warm_start_from"):
+        label += " · warm"
     if "replicate" in sample:
         if sample.get("replicate_of_number") not in (None, ""):
             label += f" · #{int(sample['replicate_of_number']):02d}"
@@ -243,7 +245,7 @@ def run_label(cfg: RunConfig, sample: dict[str, Any] | None = None) -> str:
 
 
 # What a trial's or replicate's Tune config carries besides the values its study sampled.
-NOT_SEARCHED = ("cell", "study_trial", "default", "replicate", "replicate_of",
+NOT_SEARCHED = ("cell", "study_trial", "default", "warm_start_from", "replicate", "replicate_of",
                 "replicate_of_run", "replicate_of_number", "config", "arm", "concurrency")
 
 
@@ -283,6 +285,8 @@ class Tracker:
         else:
             tags["study_trial"] = str(sample.get("study_trial", ""))
             tags["default_config"] = str(bool(sample.get("default"))).lower()
+            if sample.get("warm_start_from"):  # queued from a finished search's trial
+                tags["warm_start_from"] = str(sample["warm_start_from"])
         if teacher_run:
             tags["teacher_run_id"] = teacher_run
         searched = [k for k in sample if k not in NOT_SEARCHED]
@@ -474,6 +478,9 @@ def start_parent(uri: str, settings: SearchSettings, commit: str) -> Tracker:
             "optuna_storage": settings.optuna_storage,
             "gpus_per_trial": settings.gpus_per_trial,
             "cpus_per_trial": settings.cpus_per_trial,
+            **({"warm_start": settings.warm_start} if settings.warm_start else {}),
+            **({"proxy_width": settings.proxy_width,
+                "target_width": settings.target_width} if settings.proxy_width else {}),
             **{f"set.{k}": v for k, v in settings.overrides.items()}})
     return Tracker(uri, exp, parent, settings.name, commit)
 

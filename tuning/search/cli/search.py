@@ -36,7 +36,8 @@ SMOKE_SETTINGS = {"epochs": 4, "teacher_epochs": 4, "num_samples": 3, "max_concu
 # Settings a resumed search keeps from its search.yaml; giving another value is refused.
 KEPT_ON_RESUME = ("num_samples", "max_concurrent", "epochs", "teacher_epochs", "seed",
                   "scheduler", "objective", "gpus_per_trial", "cpus_per_trial", "replicates",
-                  "baseline", "choose", "budget_epochs", "sampler_seed", "first_rung")
+                  "baseline", "choose", "budget_epochs", "sampler_seed", "first_rung",
+                  "warm_start", "warm_start_top", "proxy_width")
 FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -98,6 +99,14 @@ def build_parser() -> Parser:
                    help="with asha: the fraction of training at which trials are first "
                         "compared (default: the measured one, see `python -m tuning.rungs`); "
                         "never before the space's lr and eta schedules settle")
+    p.add_argument("--warm-start", default=None, metavar="SEARCH",
+                   help="start each cell from the best configurations of a finished search's "
+                        "matching cell (the same method, the nearest data set and depth)")
+    p.add_argument("--warm-start-top", type=int, default=None, metavar="K",
+                   help="how many configurations of each matching cell (default 3)")
+    p.add_argument("--proxy-width", type=int, default=None, metavar="W",
+                   help="search at width W, then train each cell's chosen configuration at "
+                        "the space's own width as its replicates (width as a fidelity)")
     p.add_argument("--sampler", choices=("tpe", "random"), default=None,
                    help="how a sampled space proposes trials: tpe (default) or random")
     p.add_argument("--data-root", default=None,
@@ -267,6 +276,16 @@ def resolve_settings(args: argparse.Namespace) -> SearchSettings:
         import torch
 
         given["gpus_per_trial"] = 1.0 if torch.cuda.is_available() else 0.0
+    if given["warm_start_top"] is not None and given["warm_start"] is None:
+        raise UserError("--warm-start-top says how many configurations --warm-start takes; "
+                        "pass --warm-start SEARCH, or drop it")
+    if given["warm_start_top"] is not None and given["warm_start_top"] < 1:
+        raise UserError(f"--warm-start-top must be at least 1; got {given['warm_start_top']}")
+    if given["proxy_width"] is not None:
+        target = fixed.get("width", RunConfig.width)
+        if given["proxy_width"] < 1 or given["proxy_width"] == target:
+            raise UserError(f"--proxy-width must be a width of at least 1 other than the "
+                            f"space's own ({target}); got {given['proxy_width']}")
     if given["budget_epochs"] is not None and given["budget_epochs"] < epochs:
         raise UserError(f"--budget-epochs {given['budget_epochs']} is less than one trial "
                         f"({epochs} epochs); pass at least {epochs}")
@@ -293,7 +312,9 @@ def resolve_settings(args: argparse.Namespace) -> SearchSettings:
         cpus_per_trial=given["cpus_per_trial"], max_concurrent=given["max_concurrent"] or 0,
         replicates=given["replicates"], baseline=given["baseline"], choose=given["choose"],
         budget_epochs=given["budget_epochs"], sampler_seed=given["sampler_seed"],
-        first_rung=given["first_rung"])
+        first_rung=given["first_rung"], warm_start=given["warm_start"],
+        warm_start_top=3 if given["warm_start_top"] is None else given["warm_start_top"],
+        proxy_width=given["proxy_width"])
     if budget_only:
         # The trials an epoch budget can buy if every trial stopped at its first rung.
         rungs = search_rungs(searched, settings)

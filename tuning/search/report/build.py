@@ -148,6 +148,17 @@ def build(uri: str, name: str | None, out: Path | None = None, *,
     trials = sum(r["role"] == "trial" for r in runs)
     replicates = sum(r["role"] == "replicate" for r in runs)
     sections = [md]
+    proxy = parent.data.params.get("proxy_width")
+    if proxy:
+        sections.insert(0, f"The search ran at width {proxy}, a proxy: each *selected* figure "
+                           f"is its chosen trial at width {proxy}; every replicate, tuned and "
+                           "default, trained the configuration again at width "
+                           f"{parent.data.params.get('target_width')}, the width the answer is "
+                           "for.")
+    warm = parent.data.params.get("warm_start")
+    if warm:
+        sections.insert(0, f"Each cell started from the best configurations of the finished "
+                           f"search {warm} (its trials tagged warm_start_from).")
     if notes:
         sections.append("hyperparameter importance per cell (PED-ANOVA, the evaluator "
                         "optuna-dashboard shows; n: the trials it read):\n" + "\n".join(notes))

@@ -1,0 +1,220 @@
+"""Transfer across settings, and warm starts from a finished search: the measurement's
+figures against a hand-worked example, and the seeds a warm start queues, in real Optuna
+studies (SQLite) and through the real command."""
+
+import csv
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tuning.measure.transfer import pair_stats
+from tuning.search.cells import Cell, study_name
+from tuning.search.settings import SearchSettings
+from tuning.search.space import parse_space
+from tuning.search.studies import DEFAULT, WARM, CellSearcher, StudyBook
+from tuning.search.warmstart import nearest, plan
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_rho_and_regret_match_a_hand_worked_example():
+    # cheap ranks 2, 4, 3, 1 and dear ranks 2, 3, 4, 1: d = 0, 1, -1, 0, so
+    # rho = 1 - 6 * 2 / (4 * 15) = 0.8. The cheap winner (0.70, config 1) reaches 0.60 in the
+    # dear setting, whose best is 0.80 (config 2): a regret of 20 points.
+    result = pair_stats([0.50, 0.70, 0.60, 0.40], [0.55, 0.60, 0.80, 0.30])
+    assert result["rho"] == pytest.approx(0.8) and result["configs"] == 4
+    assert result["regret_pp"] == pytest.approx(20.0)
+    assert (result["cheap_winner"], result["dear_winner"]) == (1, 2)
+    assert result["rho_low"] <= 0.8 <= result["rho_high"]
+    # A tie for the cheap win goes to the lower index; a winner that is also best: no regret.
+    tied = pair_stats([0.7, 0.7, 0.1], [0.9, 0.2, 0.5])
+    assert tied["cheap_winner"] == 0 and tied["regret_pp"] == 0
+
+
+SOURCE = """
+fixed: {method: alignkd}
+across:
+  dataset: [cifar10, digits]
+  depth: [18, 34]
+params:
+  alpha: {type: float, low: 0.0, high: 1.0}
+  lr: {type: float, low: 0.001, high: 0.1, log: true}
+"""
+
+
+def test_each_cell_starts_from_the_nearest_cell_of_its_method():
+    source = parse_space(SOURCE, source="s.yaml", name="s").with_fixed({"depth": 18})
+    target = parse_space(SOURCE.replace("[cifar10, digits]", "[cifar100, digits, npz]"),
+                         source="t.yaml", name="t").with_fixed({"data_path": "/d/x.npz"})
+    matches = {c.key: nearest(source, c, target).key for c in target.cells()}
+    # cifar100 and the npz file are of CIFAR's family, so they start from cifar10; digits
+    # from digits; depth 34 from the nearest depth the source ran, 18.
+    assert matches == {"dataset=cifar100,depth=18": "dataset=cifar10",
+                       "dataset=cifar100,depth=34": "dataset=cifar10",
+                       "dataset=digits,depth=18": "dataset=digits",
+                       "dataset=digits,depth=34": "dataset=digits",
+                       "dataset=npz,depth=18": "dataset=cifar10",
+                       "dataset=npz,depth=34": "dataset=cifar10"}
+
+
+def finished_source(root: Path, values: list[float]) -> SearchSettings:
+    """A finished search on disk: its settings, its cells.csv and one study per cell whose
+    trials completed with `values` (the alpha of trial i is i / 10)."""
+    url = f"sqlite:///{root / 'optuna.db'}"
+    space = parse_space(SOURCE, source="s.yaml", name="s").with_fixed({"dataset": "digits"})
+    settings = SearchSettings(
+        name="src", space_name="s", space_source="s.yaml", space_text=SOURCE,
+        space_digest="0", overrides={"dataset": "digits"},
+        cells=[c.key for c in space.cells()], tracking_uri=f"sqlite:///{root / 'm.db'}",
+        optuna_storage=url, storage_path=str(root / "ray"), teacher_store=str(root / "t"),
+        epochs=2, teacher_epochs=2, num_samples=len(values), trials_per_cell=len(values),
+        seed=0)
+    settings.write()
+    dist = {"alpha": optuna.distributions.FloatDistribution(0, 1),
+            "lr": optuna.distributions.FloatDistribution(0.001, 0.1, log=True)}
+    for cell in space.cells():
+        study = optuna.create_study(storage=url, study_name=study_name("src", cell),
+                                    direction="maximize")
+        for i, v in enumerate(values):
+            study.add_trial(optuna.trial.create_trial(
+                params={"alpha": i / 10, "lr": 0.02}, distributions=dist, value=v))
+    with open(settings.folder / "cells.csv", "w") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cell", "chosen_trial"])
+        writer.writerows([c.key, "x"] for c in space.cells())
+    return settings
+
+
+def test_a_warm_start_queues_the_top_configurations_after_the_default(tmp_path):
+    finished_source(tmp_path, [0.5, 0.9, 0.7, 0.9, 0.1])
+    target_text = SOURCE.replace("high: 1.0}", "high: 0.25}")  # alpha 0.3 is out of range
+    space = parse_space(target_text, source="t.yaml", name="t").with_fixed(
+        {"dataset": "digits", "depth": 34})
+    settings = SearchSettings(
+        name="new", space_name="t", space_source="t.yaml", space_text=target_text,
+        space_digest="1", overrides={"dataset": "digits", "depth": 34}, cells=["all"],
+        tracking_uri="sqlite:///x.db", optuna_storage=f"sqlite:///{tmp_path / 'new.db'}",
+        storage_path=str(tmp_path / "ray"), teacher_store="t", epochs=2, teacher_epochs=2,
+        num_samples=6, trials_per_cell=6, seed=0, warm_start="src", warm_start_top=3)
+    seeds = plan(settings, space)
+    (cell_seeds,) = seeds.values()
+    # The top 3 of the source's depth-34 cell (the same data set and depth): 0.9 (trial 1),
+    # 0.9 (trial 3, a tie: the lower number first), 0.7 (trial 2); alpha moved into the
+    # new range.
+    assert [s.origin for s in cell_seeds] == ["src/depth=34#1", "src/depth=34#3",
+                                               "src/depth=34#2"]
+    assert [s.params["alpha"] for s in cell_seeds] == [0.1, 0.25, 0.2]
+    book = StudyBook(settings.optuna_storage, "new", space, seed=0, multi_objective=False,
+                     budget=6, warm=seeds)
+    searcher = CellSearcher(book, space.cells(), epochs=2)
+    asked = [searcher.suggest(f"t{i}") for i in range(5)]
+    assert asked[0][DEFAULT] is True and WARM not in asked[0]
+    assert [a.get(WARM) for a in asked[1:4]] == [s.origin for s in cell_seeds]
+    assert [a["alpha"] for a in asked[1:4]] == [0.1, 0.25, 0.2]
+    assert WARM not in asked[4]  # then the sampler's own proposals
+    # A resumed driver reopens the study: nothing is queued again.
+    again = StudyBook(settings.optuna_storage, "new", space, seed=0, multi_objective=False,
+                      budget=6, warm=seeds)
+    study = again.study(Cell())
+    queued = [t for t in study.trials if WARM in t.user_attrs]
+    assert len(queued) == 3 and len(study.trials) == 5
+
+
+@pytest.mark.parametrize(("case", "expect"), [
+    ("unknown", "--warm-start ghost: no search of that name"),
+    ("unfinished", "--warm-start src: that search has not finished"),
+    ("other_methods", "that search ran plain+alignkd but this one runs plain+jointrd"),
+])
+def test_a_search_it_cannot_start_from_is_one_line(tmp_path, case, expect):
+    from tuning.run.config import UserError
+
+    finished_source(tmp_path, [0.5, 0.6])
+    if case == "unfinished":
+        (tmp_path / "ray" / "src" / "cells.csv").unlink()
+    text = SOURCE if case != "other_methods" else SOURCE.replace("alignkd", "jointrd")
+    space = parse_space(text, source="t.yaml", name="t")
+    settings = SearchSettings(
+        name="new", space_name="t", space_source="t.yaml", space_text=text, space_digest="1",
+        overrides={}, cells=[c.key for c in space.cells()], tracking_uri="sqlite:///x.db",
+        optuna_storage=f"sqlite:///{tmp_path / 'new.db'}", storage_path=str(tmp_path / "ray"),
+        teacher_store="t", epochs=2, teacher_epochs=2, num_samples=2, trials_per_cell=2,
+        seed=0, warm_start="ghost" if case == "unknown" else "src")
+    with pytest.raises(UserError) as err:
+        plan(settings, space)
+    assert expect in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_warm_started_search_through_the_command(tmp_path):
+    """A finished smoke search, then a second one warm-started from it and killed after its
+    first trials: each cell's queued configurations are the source cell's best, tagged in
+    MLflow, and the resumed search queues none of them twice."""
+    from faultutil import kill_group, spawn_search, wait_for
+    from mlflow import MlflowClient
+    from searchutil import search_args, tracking_uri
+
+    from tuning.search.cli.search import main
+
+    assert main(search_args(tmp_path, "src", "--num-samples", "3", "--epochs", "1",
+                            "--scheduler", "fifo", depth=None)) == 0
+    args = search_args(tmp_path, "warm", "--num-samples", "6", "--epochs", "2",
+                       "--scheduler", "fifo", "--max-concurrent", "1", "--warm-start", "src",
+                       "--warm-start-top", "2", "--set", "checkpoint_interval_s=0", depth=None)
+    log = tmp_path / "warm.log"
+    proc = spawn_search(args, log)
+    try:
+        wait_for(lambda: log.read_text().count("completed") >= 3, 600, proc, log)
+    finally:
+        kill_group(proc)
+    assert "warm start: cell depth=18 starts from 2 configuration(s) of src/depth=18" in \
+        log.read_text()
+    assert main(search_args(tmp_path, "warm", "--resume")) == 0
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    for depth in (18, 34):
+        source = optuna.load_study(study_name=f"src/depth={depth}", storage=storage)
+        best = sorted((t for t in source.trials if t.value is not None),
+                      key=lambda t: (-t.value, t.number))[:2]
+        study = optuna.load_study(study_name=f"warm/depth={depth}", storage=storage)
+        counted = [t for t in study.trials if "lost" not in t.user_attrs]
+        warm = [t for t in counted if WARM in t.user_attrs]
+        assert [t.user_attrs[WARM] for t in warm] == [f"src/depth={depth}#{t.number}"
+                                                       for t in best]
+        assert [t.number for t in warm] == [1, 2]  # after the default, trial 0
+        for t, b in zip(warm, best, strict=True):
+            assert t.params == pytest.approx(b.params)
+        assert len(counted) == 6
+    client = MlflowClient(tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("warm")
+    tagged = [r for r in client.search_runs([exp.experiment_id])
+              if r.data.tags.get("warm_start_from")]
+    assert len({r.data.tags["warm_start_from"] for r in tagged}) == 4
+    assert all(r.info.run_name.endswith(" · warm") for r in tagged)
+
+
+@pytest.mark.slow
+def test_a_proxy_width_search_replicates_at_the_target_width(tmp_path):
+    from mlflow import MlflowClient
+    from searchutil import rows, search_args, tracking_uri
+
+    from tuning.search.cli.search import main
+
+    assert main(search_args(tmp_path, "proxy", "--num-samples", "2", "--epochs", "1",
+                            "--scheduler", "fifo", "--proxy-width", "4", replicates=1)) == 0
+    trials = rows(tmp_path, "proxy")
+    client = MlflowClient(tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("proxy")
+    runs = {r.data.tags.get("ray_trial_id"): r for r in client.search_runs([exp.experiment_id])}
+    assert {runs[t["trial_id"]].data.params["width"] for t in trials} == {"4"}
+    replicated = rows(tmp_path, "proxy", "replicates.csv")
+    assert {runs[r["trial_id"]].data.params["width"] for r in replicated} == {"8"}
+    report = (tmp_path / "ray" / "proxy" / "report" / "tables.md").read_text()
+    assert "The search ran at width 4, a proxy" in report and "at width 8" in report
+
+
+def test_trials_to_come_within_one_point_of_the_cells_best():
+    from tuning.measure.warmgain import trials_to_within
+
+    assert trials_to_within([0.50, 0.62, 0.60, 0.70], 0.70) == 4
+    assert trials_to_within([0.50, 0.695, 0.60, 0.70], 0.70) == 2  # 0.695 is within 1 pp
+    assert trials_to_within([0.50, float("-inf"), 0.60], 0.70) is None  # never
