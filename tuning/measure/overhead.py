@@ -87,10 +87,11 @@ def end_to_end(epochs: int, width: int, data: dict, device: str, interval: float
 
     before = bare_run("bare1")
     space = root / "one.yaml"
-    # Trials that differ only in their seed: the same work, one after another, so that the
-    # later ones run in the worker process the first one started.
+    # Trials that differ only in their seed (a cell each: a seed is never searched): the
+    # same work, one after another, so that the later ones run in the worker process the
+    # first one started.
     space.write_text(f"fixed: {{method: alignkd, teacher: {cfg.teacher}, lr: {cfg.lr}}}\n"
-                     f"grid:\n  seed: {list(range(trials))}\n")
+                     f"across:\n  seed: {list(range(trials))}\n")
     sets = [f"{k}={v}" for k, v in common.items() if k != "data_root"]
     # The real command, as a user runs it (its driver's start-up is not timed: the trials'
     # own times are read from their records).
