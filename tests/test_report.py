@@ -261,3 +261,15 @@ def test_a_multi_objective_cell_has_importances_per_objective():
     result = cell_importance(study)
     assert set(result.by_objective) == {"val_acc", "train_time"}
     assert "val_acc (n=10)" in result.describe() and "train_time (n=10)" in result.describe()
+
+
+def test_methods_that_both_kept_their_defaults_are_compared_once():
+    """Where each search chose its default, the default arms are the tuned ones: comparing
+    them again would count one test twice in Holm's correction."""
+    runs = [run("a", "alignkd", 0.9, chosen=True, default_config=True),
+            *reps("alignkd", [0.90, 0.92, 0.94]),
+            run("j", "jointrd", 0.8, chosen=True, default_config=True),
+            *reps("jointrd", [0.84, 0.86, 0.85])]
+    (row,) = tables.tables(runs, {})
+    assert "diff" in row and "diff_default" not in row
+    assert row["comparisons"] == 1 and row["diff_p_holm"] == pytest.approx(row["diff_p"])

@@ -191,6 +191,8 @@ def tables(runs: list[dict[str, Any]], teacher_acc: dict[str, float]) -> list[di
                 if arm == "default" and not ((fa.default or fa.default_is_tuned) and
                                              (fb.default or fb.default_is_tuned)):
                     continue
+                if arm == "default" and fa.default_is_tuned and fb.default_is_tuned:
+                    continue  # the same runs as the tuned comparison: not a second test
                 used, w = compare(fa.by_seed(arm), fb.by_seed(arm))
                 row.update({f"{name}{suffix}": used.diff, f"{name}{suffix}_low": used.low,
                             f"{name}{suffix}_high": used.high, f"{name}{suffix}_test": used.test,
