@@ -78,6 +78,19 @@ def wait_for(predicate: Callable[[], object], timeout: float, proc: subprocess.P
         time.sleep(interval)
 
 
+def settled(measure: Callable[[], object], quiet: float = 8, timeout: float = 120):
+    """`measure()` once it has not changed for `quiet` seconds: after a driver is killed, a
+    trial's worker may still finish the epoch it was in before Ray reaps it."""
+    deadline, value, since = time.time() + timeout, measure(), time.time()
+    while time.time() - since < quiet:
+        assert time.time() < deadline, f"still changing after {timeout:.0f}s: {value}"
+        time.sleep(1)
+        now = measure()
+        if now != value:
+            value, since = now, time.time()
+    return value
+
+
 def trial_dirs(experiment: Path) -> dict[str, Path]:
     """trial id -> the trial's folder in the experiment (run_trial_<id>_<n>_...)."""
     return {p.name.split("_")[2]: p for p in sorted(experiment.glob("run_trial_*")) if p.is_dir()}

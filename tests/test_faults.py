@@ -34,6 +34,7 @@ from faultutil import (
     mlflow_trials,
     parent_status,
     result_epochs,
+    settled,
     spawn,
     spawn_search,
     trial_dirs,
@@ -316,9 +317,11 @@ def test_a_damaged_checkpoint_falls_back_and_the_search_completes(root, record_p
         None))
     trial_dir = trial_dirs(experiment)[trial_id]
     # The epochs done by the kill: MLflow's records may lag the trial's own checkpoints (a
-    # worker sends them after the epoch's checkpoint), so the larger of the two counts.
-    done_at_kill = max(len(mlflow_trials(tracking_uri(root), name)[trial_id][0]["steps"]),
-                       last_checkpoint_epoch(trial_dir))
+    # worker sends them after the epoch's checkpoint), so the larger of the two counts, once
+    # the trial's worker, which may outlive its driver by an epoch, has stopped.
+    done_at_kill = settled(lambda: max(
+        len(mlflow_trials(tracking_uri(root), name)[trial_id][0]["steps"]),
+        last_checkpoint_epoch(trial_dir)))
     if damage == "restored":
         known = wait_for(lambda: known_checkpoints(experiment).get(trial_id), 5)
         victim = trial_dir / known / "checkpoint.pt"

@@ -130,13 +130,18 @@ def test_a_second_driver_under_the_same_name_is_refused(tmp_path):
     first = spawn_search(long_search(tmp_path, name), log)
     try:
         wait_for(lambda: (tmp_path / "ray" / name / "search.yaml").exists(), 300, first, log)
-        second = subprocess.run([sys.executable, "-m", "tuning.search",
-                                 *long_search(tmp_path, name)], capture_output=True, text=True,
-                                timeout=300, cwd=Path(__file__).resolve().parent.parent)
-        assert second.returncode == 2, second.stderr[-2000:]
-        lines = second.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"search {name!r} is being run by driver pid {first.pid}" \
-            in lines[0], lines
+        # The same command again: the name is taken. With --resume: its driver still runs.
+        for extra, expect in (((), f"a search named {name!r} already exists"),
+                              (("--resume",), f"search {name!r} is being run by driver pid "
+                                              f"{first.pid}")):
+            second = subprocess.run([sys.executable, "-m", "tuning.search",
+                                     *long_search(tmp_path, name, *extra)], capture_output=True,
+                                    text=True, timeout=300,
+                                    cwd=Path(__file__).resolve().parent.parent)
+            assert second.returncode == 2, second.stderr[-2000:]
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1 and expect in lines[0], lines
+            assert first.poll() is None  # the first driver is untouched
     finally:
         kill_group(first)  # SIGKILL: the lock must not outlive it
     # Once the first driver is gone, the name is free to resume.

@@ -51,13 +51,13 @@ LONG = "x" * 300
 def case_setup(case: str, root: Path) -> tuple[str, list[str], str, dict]:
     """(module, arguments, expected part of the one line, extra environment)."""
     space = root / "space.yaml"
-    if case.startswith("space_"):
-        body = {"space_dataset": "params:\n  dataset: {type: choice, values: [cifar10, digits]}",
+    bodies = {"space_dataset": "params:\n  dataset: {type: choice, values: [cifar10, digits]}",
                 "space_teacher_depth": "params:\n  teacher_depth: {type: choice, "
                                        "values: [18, 34]}",
                 "space_split_seed": "grid:\n  split_seed: [0, 1]",
-                "space_width": "params:\n  width: {type: int, low: 4, high: 8}"}[case]
-        space.write_text(f"fixed: {{method: alignkd}}\n{body}\n")
+                "space_width": "params:\n  width: {type: int, low: 4, high: 8}"}
+    if case in bodies:
+        space.write_text(f"fixed: {{method: alignkd}}\n{bodies[case]}\n")
     if case.startswith("resume_") or case in ("replicate_bad_yaml", "report_repair_bad_yaml"):
         text = "name: [unclosed\n" if "bad_yaml" in case else (
             (REPO / "tests" / "data" / "search-v1.yaml").read_text())

@@ -119,15 +119,29 @@ TRAINABLE = """
         trials = grid._experiment_analysis.trials
         print(json.dumps({"returned": True, "statuses": [t.status for t in trials],
                           "last": [(t.last_result or {}).get("i") for t in trials]}))
+    elif sys.argv[2] == "fit":  # through raytune.fit: a short run, then one to interrupt
+        import signal
+        from tuning.search import raytune
+        quick = tune.Tuner(lambda config: tune.report({"i": 0}), run_config=tune.RunConfig(
+            name="quick", storage_path=store, verbose=0))
+        _, quick_stopped = raytune.fit(quick)
+        restored = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        print(json.dumps({"quick_stopped": quick_stopped, "restored": restored}), flush=True)
+        _, stopped = raytune.fit(tune.Tuner(trainable, param_space={"out": "-"},
+                                            run_config=tune.RunConfig(name="exp",
+                                                                      storage_path=store,
+                                                                      verbose=0)))
+        print(json.dumps({"stopped": stopped, "restored": signal.getsignal(signal.SIGINT)
+                          is signal.default_int_handler}), flush=True)
     else:
         tune.Tuner.restore(f"{store}/exp", trainable=trainable, resume_unfinished=True).fit()
 """
 
 
-def _start(tmp_path: Path, save_s: str) -> subprocess.Popen:
+def _start(tmp_path: Path, save_s: str, mode: str = "new") -> subprocess.Popen:
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(TRAINABLE))
-    return subprocess.Popen([sys.executable, str(script), str(tmp_path / "store"), "new",
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path / "store"), mode,
                              save_s], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
@@ -184,6 +198,24 @@ def test_an_interrupted_fit_returns_as_if_it_had_finished(tmp_path):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["returned"] and result["statuses"] and "ERROR" not in result["statuses"]
     assert all(i is not None and i < 999 for i in result["last"])  # none ran to its end
+
+
+@pytest.mark.slow
+def test_fit_says_whether_a_stop_signal_ended_the_run_and_leaves_no_handler_behind(tmp_path):
+    """(4) fit: a run that finished says so, and one that SIGINT ended says so, whatever its
+    trials' states; after each, SIGINT is Python's own again (Tune leaves its handler)."""
+    proc = _start(tmp_path, save_s="2", mode="fit")
+    try:
+        _wait_for_checkpoints(tmp_path, proc, 2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    quick, interrupted = (json.loads(line) for line in out.strip().splitlines()[-2:])
+    assert quick == {"quick_stopped": False, "restored": True}
+    assert interrupted == {"stopped": True, "restored": True}
 
 
 @pytest.mark.slow

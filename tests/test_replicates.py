@@ -92,6 +92,7 @@ def test_replicate_bad_input_is_one_line_exit_2(ray_session, root, tmp_path, cap
     if case == "other_count" and not (storage / "rep-later" / "replicates.csv").exists():
         pytest.skip("needs the replicated search of this module")
     capsys.readouterr()
+    storage.mkdir(parents=True, exist_ok=True)
     before = sorted(p.name for p in storage.iterdir())
     assert replicate_main([*args, "--storage-path", str(storage)]) == 2
     err = capsys.readouterr().err

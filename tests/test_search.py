@@ -100,7 +100,9 @@ def test_smoke_search_runs_two_cells_each_with_its_chosen_and_tested_trial(ray_s
     assert report.count("(n=2)") == 4  # the tuned and the default arm of each cell
     for cell in cells:  # the selected trial's own figure, apart from the replicates'
         assert f"| {100 * float(cell['test_acc']):.2f} |" in report
-    assert report.count("too few trials (n=2, need 20)") == 2
+    for cell in cells:  # importances need max(10, 2 x the searched parameters) trials
+        searched = len(found[cell["cell"]].trials[0].distributions)
+        assert f"{cell['cell']}: too few trials (n=2, need {max(10, 2 * searched)})" in report
     # A chosen config runs again as a single training run.
     cfg = RunConfig.from_yaml(cells[1]["config"])
     assert cfg.method == "alignkd" and cfg.dataset == "digits" and cfg.depth == 34
@@ -209,12 +211,12 @@ def test_optuna_dashboard_shows_each_cells_study(root):
 
 
 def test_a_later_search_reuses_the_cached_teacher(ray_session, root, capsys):
-    teacher = next(p for p in (root / "teachers").iterdir() if p.is_dir()) / "model.pt"
+    (teacher,) = (root / "teachers").glob("digits-resnet18*/model.pt")  # the smoke search's
     before = teacher.stat().st_mtime_ns
     code = main(search_args(root, "again", "--num-samples", "1", "--epochs", "1",
-                            "--scheduler", "fifo"))
+                            "--scheduler", "fifo"))  # Plain-18 alone: its teacher alone
     assert code == 0
-    assert "2 needed, 2 in the store" in capsys.readouterr().out
+    assert "teachers: 1 needed, 1 in the store" in capsys.readouterr().out
     assert teacher.stat().st_mtime_ns == before
 
 
@@ -254,11 +256,10 @@ def test_cells_never_compete_in_sampling_or_early_stopping(ray_session, root, tm
     cell_of = {r["trial_id"]: r["cell"] for r in table}
     assert sorted(cell_of.values()) == ["dataset=digits"] * 4 + ["dataset=npz"] * 4
     found = check_studies_agree_with_tune(root, "cells", per_cell=4)
-    mean = {c: sum(float(r["val_acc"]) for r in table if r["cell"] == c and
-                   r["status"] == "COMPLETED") / max(1, sum(
-                       r["cell"] == c and r["status"] == "COMPLETED" for r in table))
-            for c in found}
-    assert mean["dataset=digits"] > mean["dataset=npz"] + 0.2  # systematically apart
+    # Systematically apart: the best digits trial far above anything random labels allow
+    # (the lr 1e-5 trials of either cell stay near chance).
+    best = {c: max(float(r["val_acc"]) for r in table if r["cell"] == c) for c in found}
+    assert best["dataset=digits"] > best["dataset=npz"] + 0.2, best
     records = [(t, k, v) for cell, study in found.items() for t in study.trials
                for k, v in t.user_attrs.items() if k.startswith("asha_epoch_")]
     assert {r[1] for r in records} == {"asha_epoch_2"}  # the one rung: 0.5 x 4
@@ -448,7 +449,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
         "across_and_searched": "across: {depth: [18, 34]}\n"
                                "params:\n  depth: {type: choice, values: [18, 34]}\n",
         "teacher_recipe_range": "fixed: {method: alignkd}\n"
-                                "params:\n  val_fraction: {type: float, low: 0.1, high: 0.2}\n",
+                                "params:\n  batch_size: {type: int, low: 32, high: 64}\n",
         "space_alias_bomb": "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
                             "b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
                             "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
@@ -517,7 +518,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
         "across_no_values": (["--space", str(space_file)], "must be a non-empty list"),
         "across_and_searched": (["--space", str(space_file)], "is both run across and searched"),
         "teacher_recipe_range": (["--space", str(space_file)],
-                                 "params.val_fraction: each trial's teacher is trained"),
+                                 "params.batch_size: each trial's teacher is trained"),
         "optuna_unwritable": (["--optuna-storage", f"sqlite:///{blocker}/sub/o.db"],
                               "is not a writable folder"),
         "optuna_unopenable": (["--optuna-storage", "nosuchdb://127.0.0.1:9/x"],
@@ -548,7 +549,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
         "space_huge": (["--space", str(space_file)], "larger than 64 KB"),
         "garbage_mlflow_db": (["--tracking-uri", f"sqlite:///{garbage_db}"],
                               "is not an SQLite database"),
-        "resume_corrupt_settings": (["--resume", "--name", "mine"], "cannot be read"),
+        "resume_corrupt_settings": (["--resume", "--name", "mine"],
+                                    "search.yaml is not valid YAML; restore it"),
         "resume_empty_settings": (["--resume", "--name", "mine"], "is empty, truncated"),
         "resume_writable_by_others": (["--resume", "--name", "mine"],
                                       "can be written by another user"),
@@ -577,7 +579,9 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, root, tmp_path, 
     if case in kept:
         if before is None:
             pytest.skip("needs the smoke search of this module")
-        base[1] = str(root / "ray")
+        # The smoke search's own folders: a resume that names others is refused for that.
+        base[1], base[3], base[5] = (str(root / "ray"), str(root / "teachers"),
+                                     str(root / "datasets"))
     try:
         code = main(base + args)
     except SystemExit as exit_:

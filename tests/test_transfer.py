@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tuning.measure.transfer import pair_stats
+from tuning.measure.transfer import markdown, pair_stats
 from tuning.search.cells import Cell, study_name
 from tuning.search.settings import SearchSettings
 from tuning.search.space import parse_space
@@ -30,6 +30,14 @@ def test_rho_and_regret_match_a_hand_worked_example():
     # A tie for the cheap win goes to the lower index; a winner that is also best: no regret.
     tied = pair_stats([0.7, 0.7, 0.1], [0.9, 0.2, 0.5])
     assert tied["cheap_winner"] == 0 and tied["regret_pp"] == 0
+
+
+def test_a_setting_that_ranks_every_configuration_alike_has_no_rho():
+    """Every configuration at chance in the cheap setting: no ranking, so no rho; the table
+    says so rather than printing nan."""
+    flat = pair_stats([0.1, 0.1, 0.1, 0.1], [0.5, 0.6, 0.4, 0.7])
+    table = markdown({"pairs": [{"pair": "epochs", "from": "short", "to": "long", **flat}]})
+    assert "undefined (no spread in one setting)" in table and "nan" not in table.lower()
 
 
 SOURCE = """

@@ -142,8 +142,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines = ["| pair | cheap setting -> dear setting | configs | Spearman rho [95% CI] | "
              "regret of the cheap winner (pp) |", "|---|---|---|---|---|"]
     for p in result["pairs"]:
-        ci = (f"{p['rho']:+.2f} [{p['rho_low']:+.2f}, {p['rho_high']:+.2f}]"
-              if math.isfinite(p["rho_low"]) else f"{p['rho']:+.2f}")
+        if not math.isfinite(p["rho"]):  # one setting ranked every configuration alike
+            ci = "undefined (no spread in one setting)"
+        elif math.isfinite(p["rho_low"]):
+            ci = f"{p['rho']:+.2f} [{p['rho_low']:+.2f}, {p['rho_high']:+.2f}]"
+        else:
+            ci = f"{p['rho']:+.2f}"
         lines.append(f"| {p['pair']} | {p['from']} -> {p['to']} | {p['configs']} | {ci} | "
                      f"{p['regret_pp']:.2f} |")
     return "\n".join(lines)
@@ -167,7 +171,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.plot([1, n], [1, n], color="#bbbbbb", linewidth=1)
         ax.scatter([a[p["cheap_winner"]]], [b[p["cheap_winner"]]], color="#d62728", s=30,
                    label="cheap winner")
-        ax.set(title=f"{p['pair']}: rho {p['rho']:+.2f}", xlabel=f"rank in {p['from']}",
+        rho = f"{p['rho']:+.2f}" if math.isfinite(p["rho"]) else "undefined"
+        ax.set(title=f"{p['pair']}: rho {rho}", xlabel=f"rank in {p['from']}",
                ylabel=f"rank in {p['to']}")
         ax.invert_xaxis()
         ax.invert_yaxis()

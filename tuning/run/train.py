@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None, config_file: str | None, out: str | None, resume: bool,
          quiet: bool, no_test: bool, args: dict[str, Any]) -> int:
     try:
+        if out is not None:
+            # Before any look inside it: a name the system refuses (too long, a loop of links)
+            # is one line here, not a traceback from the first stat().
+            check_output_dir(out, what="run folder (--out)",
+                             fix="pass --out a folder that can be created and written")
         if resume:
             if config_file is not None or args:
                 extra = _resume_conflicts(argv) or ["--config" if config_file else "a flag"]

@@ -33,6 +33,7 @@ from tuning.search.callbacks import run_callbacks
 from tuning.search.cells import Cell
 from tuning.search.raytune import (
     KEEP_CHECKPOINTS,
+    fit,
     interrupt_code,
     interrupted,
     keep_newest_checkpoint,
@@ -222,11 +223,12 @@ def search_phase(search: Search, context: SearchContext, resume: bool):
                 failure_config=tune.FailureConfig(max_failures=2), verbose=0,
                 callbacks=run_callbacks(search.tracker, context, settings.epochs,
                                         book.expected_trials(settings.epochs) * len(cells))))
-    grid = tuner.fit()
+    grid, stopped = fit(tuner)
     unfinished = interrupted(grid)
-    if unfinished or short_cells(book, cells, settings.epochs):
+    if stopped or unfinished or short_cells(book, cells, settings.epochs):
         mark_interrupted(search.tracker, unfinished)
         what = (f"with {len(unfinished)} trial(s) unfinished" if unfinished
+                else "as its last trials ended" if stopped
                 else "before every cell had its trials")
         raise Interrupted(f"the search was interrupted {what}; nothing was chosen or tested")
     return grid

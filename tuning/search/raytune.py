@@ -24,7 +24,12 @@ release changes one, its test fails, and the workaround can be deleted.
    returned (`KEEP_CHECKPOINTS` = 2 while trials run: the current one and its fallback).
 4. **An interrupted `Tuner.fit()` returns as if it had finished.** On SIGINT Tune saves its
    state and returns a `ResultGrid`; only its private `_experiment_analysis.trials` tells
-   which trials were left unfinished (`interrupted`).
+   which trials were left unfinished (`interrupted`), and a signal that arrives as the last
+   trial ends leaves none unfinished. Tune also leaves its SIGINT handler installed after
+   `fit()` returns, so that a Ctrl-C between two phases would be caught by a finished run's
+   handler and ignored. `fit` runs `Tuner.fit()` with a handler of ours underneath: Tune hands
+   the signal back to the handler it replaced once it has caught one, so finding ours again
+   afterwards says a stop signal ended the run; and ours is removed after every fit.
 5. **Ray reads whether to form a cluster once, at its first import.** A Ray this process
    starts for itself listens on the loopback interface only if
    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` was set when Ray was first imported
@@ -48,10 +53,11 @@ import contextlib
 import os
 import re
 import signal
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tuning.run import envvars
 from tuning.run.checkpoint import CheckpointError
@@ -93,6 +99,24 @@ def loopback_only(address: str | None) -> contextlib.AbstractContextManager:
     (--address) is the user's choice, and the setting is put back afterwards: a `ray start`
     this process runs later must not inherit it, or it refuses to form a cluster."""
     return envvars.defaults({} if address is not None else {LOOPBACK_ENV: "0"})
+
+
+def fit(tuner) -> tuple[Any, bool]:
+    """(4) `tuner.fit()`'s ResultGrid, and whether a stop signal (Ctrl-C, or SIGTERM through
+    `sigterm_as_interrupt`) ended it."""
+    def beneath_tune(signum, frame) -> None:  # a second Ctrl-C, once Tune has let go of it
+        raise KeyboardInterrupt
+
+    catches = (threading.current_thread() is threading.main_thread()
+               and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0))
+    if not catches:  # Tune leaves SIGINT alone: a Ctrl-C raises KeyboardInterrupt through fit
+        return tuner.fit(), False
+    before = signal.signal(signal.SIGINT, beneath_tune)
+    try:
+        grid = tuner.fit()
+        return grid, signal.getsignal(signal.SIGINT) is beneath_tune
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def interrupted(grid) -> list[str]:

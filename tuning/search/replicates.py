@@ -32,7 +32,7 @@ from ray.tune.search import Searcher
 from tuning.run.config import RunConfig
 from tuning.search import tracking
 from tuning.search.callbacks import run_callbacks
-from tuning.search.raytune import KEEP_CHECKPOINTS, interrupted, keep_newest_checkpoint
+from tuning.search.raytune import KEEP_CHECKPOINTS, fit, interrupted, keep_newest_checkpoint
 from tuning.search.recorder import Records, close_unrecorded_runs, repair_runs
 from tuning.search.results import error_reason, table_text, trial_status, write_csv
 from tuning.search.settings import REPLICATES_EXPERIMENT, SearchSettings
@@ -123,8 +123,8 @@ def run_replicates(settings: SearchSettings, context: SearchContext,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                 failure_config=tune.FailureConfig(max_failures=2), verbose=0,
                 callbacks=callbacks))
-    grid = tuner.fit()
-    if interrupted(grid):
+    grid, stopped = fit(tuner)
+    if stopped or interrupted(grid):
         return None
     rows = []
     for result in grid:

@@ -80,6 +80,7 @@ class SearchSettings:
     warm_start: str | None = None  # a finished search whose best configurations start it
     warm_start_top: int = 3  # how many of each matching cell's
     proxy_width: int | None = None  # search at this width; replicate at the space's own
+    smoke: bool = False  # started with --smoke
     parent_run_id: str | None = None
 
     def __post_init__(self) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
+from tuning.run.checkpoint import CheckpointError
 from tuning.run.config import RunConfig
-from tuning.run.trainer import CHECKPOINT_NAME, MODEL_NAME, train
+from tuning.run.trainer import CHECKPOINT_NAME, MODEL_NAME, load_model, train
 from tuning.search import storage
 from tuning.search.settings import SearchSettings
 from tuning.search.space import Space, SpaceError, trial_values
@@ -129,6 +130,18 @@ def local_teacher_dir(path: str) -> Path:
     return local
 
 
+def check_stored_teacher(path: str) -> None:
+    """A teacher in the store loads as the network it says it is; else one line naming its
+    folder, which deleting makes the search train it again. Every trial would fail on it."""
+    try:
+        load_model(local_teacher_dir(path) / MODEL_NAME)
+    except CheckpointError as err:
+        problem = str(err).rsplit("; ", 1)[0]
+        folder = path.rsplit("/", 1)[0]
+        raise CheckpointError(f"the stored teacher {problem}; delete its folder {folder} and "
+                              "the search trains it again") from None
+
+
 def train_teacher(recipe: TeacherRecipe, store: str | Path) -> dict[str, Any]:
     """Train one teacher into the store, resuming a partial one; a no-op when it exists.
 
@@ -173,6 +186,9 @@ def train_teachers(space: Space, settings: SearchSettings) -> list[str]:
     print(f"teachers: {len(recipes)} needed, {len(recipes) - len(missing)} in the store "
           f"{store}", flush=True)
     paths = [teacher_path(store, r) for r in recipes]
+    for recipe in recipes:
+        if recipe not in missing:
+            check_stored_teacher(teacher_path(store, recipe))
     if not missing:
         return paths
     import ray

@@ -26,7 +26,7 @@ from tuning.search.raytune import loopback_only
 from tuning.search.results import parse_choose
 from tuning.search.schedule import search_rungs
 from tuning.search.settings import DEFAULTS, SETTINGS_FILE, SearchSettings, check_name
-from tuning.search.space import load_space, parse_space
+from tuning.search.space import Space, load_space, parse_space
 from tuning.search.tracking import default_tracking_uri
 
 # The smoke search: digits and thin networks, but still two cells (depth 18 and 34).
@@ -214,10 +214,16 @@ def merge_same_settings(args: argparse.Namespace, overrides: dict[str, Any],
             overrides["download"] = False
 
 
-def apply_smoke(overrides: dict[str, Any], given: dict[str, Any]) -> None:
-    """The smoke search's defaults where nothing else gives a value; where something does,
-    it wins, and the console says so."""
+def apply_smoke(overrides: dict[str, Any], given: dict[str, Any], space: Space) -> None:
+    """The smoke search's defaults where nothing else gives a value; where something does
+    (--set, a flag, or the space searching it), it wins, and the console says so. Its data
+    set and width replace the space's own: the smoke search runs offline, in minutes."""
+    searched = {p.name for p in space.params} | set(space.grid)
     for key, value in SMOKE.items():
+        if key in searched and key not in overrides:
+            print(f"smoke: {key} searched as the space {space.name} defines it, not fixed at "
+                  f"the smoke search's {value}", flush=True)
+            continue
         if key in overrides and overrides[key] != value:
             print(f"smoke: {key} {overrides[key]} (from --set), not the smoke search's {value}",
                   flush=True)
@@ -248,7 +254,7 @@ def resolve_settings(args: argparse.Namespace) -> SearchSettings:
     given = {k: getattr(args, k) for k in KEPT_ON_RESUME}
     merge_same_settings(args, overrides, given)
     if args.smoke:
-        apply_smoke(overrides, given)
+        apply_smoke(overrides, given, space)
     budget_only = given["budget_epochs"] is not None and given["num_samples"] is None
     for key in ("num_samples", "scheduler", "objective", "cpus_per_trial", "replicates",
                 "baseline", "choose"):
@@ -314,7 +320,7 @@ def resolve_settings(args: argparse.Namespace) -> SearchSettings:
         budget_epochs=given["budget_epochs"], sampler_seed=given["sampler_seed"],
         first_rung=given["first_rung"], warm_start=given["warm_start"],
         warm_start_top=3 if given["warm_start_top"] is None else given["warm_start_top"],
-        proxy_width=given["proxy_width"])
+        proxy_width=given["proxy_width"], smoke=bool(args.smoke))
     if budget_only:
         # The trials an epoch budget can buy if every trial stopped at its first rung.
         rungs = search_rungs(searched, settings)
@@ -329,8 +335,9 @@ def check_resume_flags(args: argparse.Namespace, settings: SearchSettings) -> No
     """A flag a resumed search cannot honour is refused, never ignored: a resume keeps the
     settings in its search.yaml (--tracking-uri and --address may change, and say so)."""
     keep = f"a resumed search keeps its settings ({SETTINGS_FILE})"
-    if args.smoke:
-        raise UserError(f"--smoke starts a new search; {keep}: drop --smoke")
+    if args.smoke and not settings.smoke:  # the same command again, with --resume: fine
+        raise UserError(f"--smoke starts a new search; {settings.name} was not one, and {keep}: "
+                        "drop --smoke")
     if args.force:
         raise UserError(f"--force applies to a new search's disk check; {keep}: drop --force")
     if args.data_root is not None and str(Path(args.data_root).resolve()) != \
