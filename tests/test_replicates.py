@@ -84,7 +84,7 @@ def test_replicate_bad_input_is_one_line_exit_2(ray_session, root, tmp_path, cap
         assert main(search_args(root, "rep-none", "--num-samples", "1", "--epochs", "1",
                                 space=str(space))) == 1
     args, expect = {
-        "negative": (["rep-later", "--replicates", "-1"], "--replicates must be 0"),
+        "negative": (["rep-later", "--replicates", "-1"], "--replicates must be 1 or more"),
         "unknown": (["ghost"], "no search named 'ghost'"),
         "nothing_finished": (["rep-none"], "has no finished trial to replicate"),
         "other_count": (["rep-later", "--replicates", "3"], "already has 2 replicates"),

@@ -177,7 +177,7 @@ def test_a_warm_started_search_through_the_command(tmp_path):
         kill_group(proc)
     assert "warm start: cell depth=18 starts from 2 configuration(s) of src/depth=18" in \
         log.read_text()
-    assert main(search_args(tmp_path, "warm", "--resume")) == 0
+    assert main(search_args(tmp_path, "warm", "--resume", depth=None)) == 0
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     for depth in (18, 34):
         source = optuna.load_study(study_name=f"src/depth={depth}", storage=storage)
