@@ -6,8 +6,10 @@ several settings that differ from a base setting in one thing only:
 
 - `depth`: the Plain-18 student against Plain-34 (each with a teacher of its depth);
 - `width`: width 8 against 16;
-- `epochs`: 15 epochs against 45;
-- `data`: the bundled digits against the CIFAR-10 subset.
+- `epochs`: the base's epochs against three times as many (15 against 45 by default);
+- `data`: the bundled digits against the CIFAR-10 subset;
+- `seed`: the base setting again under the next seed (the same teacher): not a transfer but
+  its ceiling, how far one training seed's ranking predicts another's.
 
 For each pair (cheap -> dear) it reports Spearman's rho between the configurations' last-epoch
 validation accuracies in the two settings, with a bootstrap 95% interval, and the regret of
@@ -19,6 +21,7 @@ at a time, each kept on disk: an interrupted measurement continues where it stop
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from concurrent.futures import ProcessPoolExecutor
@@ -31,16 +34,18 @@ from tuning.run.config import RunConfig, UserError
 from tuning.run.console import Parser, refuse
 from tuning.search.report.stats import spearman
 
-PAIRS = {"depth": ("base", "depth34"), "width": ("base", "width16"),
-         "epochs": ("base", "epochs45"), "data": ("digits", "base")}
+PAIRS = {"seed": ("base", "reseed"), "depth": ("base", "depth34"),
+         "width": ("base", "width16"), "epochs": ("base", "epochs3x"),
+         "data": ("digits", "base")}
 
 
 def settings_of(data_path: str, width: int, depth: int, epochs: int) -> dict[str, dict]:
     """Each setting's fixed run values: the base, and each differing from it in one thing."""
     base = {"dataset": "npz", "data_path": data_path, "width": width, "depth": depth,
             "epochs": epochs}
-    return {"base": base, "depth34": {**base, "depth": 34}, "width16": {**base, "width": 2 * width},
-            "epochs45": {**base, "epochs": 3 * epochs},
+    return {"base": base, "reseed": {**base, "seed_offset": 1},
+            "depth34": {**base, "depth": 34}, "width16": {**base, "width": 2 * width},
+            "epochs3x": {**base, "epochs": 3 * epochs},
             "digits": {**base, "dataset": "digits", "data_path": None}}
 
 
@@ -96,12 +101,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     wanted = sorted({s for pair in args.pairs for s in PAIRS[pair]})
     jobs, recipes = {}, {}
     for name in wanted:
+        offset = settings[name].get("seed_offset", 0)
         fixed = {**settings[name], "data_root": str(work / "datasets"), "seed": args.seed}
-        fixed = {k: v for k, v in fixed.items() if v is not None}
+        fixed = {k: v for k, v in fixed.items() if v is not None and k != "seed_offset"}
         setting_space = space.with_fixed(fixed)
         for i, sample in enumerate(configs):
             cfg = RunConfig(**trial_values(setting_space, sample))
-            recipe = teacher_recipe(cfg, args.teacher_epochs)
+            recipe = teacher_recipe(cfg, args.teacher_epochs)  # a new seed keeps the teacher
+            cfg = dataclasses.replace(cfg, seed=cfg.seed + offset)
             recipes[recipe.key] = recipe
             cfg.teacher = teacher_path(str(work / "teachers"), recipe)
             jobs[(name, i)] = cfg
