@@ -47,6 +47,12 @@ class ProgressLines(tune.Callback):
 
     def __init__(self, context: SearchContext, epochs: int, total: int) -> None:
         self.context, self.epochs, self.total, self.done = context, epochs, total, 0
+        self.counted = False
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if not self.counted:  # a resumed search counts on from the trials that had ended
+            self.counted = True
+            self.done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
 
     def _label(self, trial) -> str:
         try:
