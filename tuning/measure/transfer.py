@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=18, choices=(18,))
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--teacher-epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0, help="draws the configurations; every run's")
+    p.add_argument("--seed", type=int, default=0,
+                   help="draws the configurations, and is every run's seed (reseed: +1)")
     p.add_argument("--workers", type=int, default=2, help="runs at once")
     p.add_argument("--work", default="transfer", help="where the runs and teachers are kept")
     p.add_argument("--out", default="bench/results/transfer-cifar10-cpu.json")

@@ -47,7 +47,8 @@ def build_parser() -> Parser:
                       "x depth x method); each cell is its own Optuna study with its own budget, "
                       "early stopping, chosen trial and test accuracy.")
     p.add_argument("--space", default=None,
-                   help="a bundled space (alignkd, jointrd, compare, paper) or a YAML file")
+                   help="a bundled space (alignkd, jointrd, compare, methods, paper) or a "
+                        "YAML file")
     p.add_argument("--name", help="the search's name (default: <space>-<date>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the search named --name")
     p.add_argument("--smoke", action="store_true",
