@@ -226,3 +226,15 @@ def test_trials_to_come_within_one_point_of_the_cells_best():
     assert trials_to_within([0.50, 0.62, 0.60, 0.70], 0.70) == 4
     assert trials_to_within([0.50, 0.695, 0.60, 0.70], 0.70) == 2  # 0.695 is within 1 pp
     assert trials_to_within([0.50, float("-inf"), 0.60], 0.70) is None  # never
+
+
+def test_the_gain_table_gives_the_best_so_far_trial_by_trial():
+    from tuning.measure.warmgain import markdown
+
+    rows = [{"strategy": "cold", "seed": 0, "trials": 3, "trials_to_within_1pp": None,
+             "curve": [0.30, 0.20, 0.40], "best_val_acc": 0.40},
+            {"strategy": "cold", "seed": 1, "trials": 3, "trials_to_within_1pp": 2,
+             "curve": [0.30, 0.50, 0.10], "best_val_acc": 0.50}]
+    line = markdown(rows).splitlines()[2]
+    # after trial 1: (30 + 30) / 2; after 2: (30 + 50) / 2; after 3: (40 + 50) / 2
+    assert "| 30.0, 40.0, 45.0 |" in line and "| >3, 2 | 2.0 (1 reached) |" in line, line

@@ -95,7 +95,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| start | searches | trials to within 1 pp of the cell's best (each seed) | "
-             "mean | best val acc (%), mean |", "|---|---|---|---|---|"]
+             "mean | best val acc so far (%) after trial 1, 2, ..., mean over seeds | "
+             "best val acc (%), mean |", "|---|---|---|---|---|---|"]
     for strategy in ("cold", "warm"):
         mine = [r for r in rows if r["strategy"] == strategy]
         if not mine:
@@ -107,7 +108,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         mean = (f"{statistics.fmean(reached):.1f}" + ("" if len(reached) == len(counts)
                                                        else f" ({len(reached)} reached)")
                 if reached else "-")
+        so_far = [statistics.fmean(max(r["curve"][:k]) for r in mine)
+                  for k in range(1, min(len(r["curve"]) for r in mine) + 1)]
         lines.append(f"| {strategy} | {len(mine)} | {shown} | {mean} | "
+                     f"{', '.join(f'{100 * v:.1f}' for v in so_far)} | "
                      f"{100 * statistics.fmean(r['best_val_acc'] for r in mine):.2f} |")
     return "\n".join(lines)
 
