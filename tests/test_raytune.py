@@ -179,14 +179,9 @@ def test_a_restored_trial_gets_the_checkpoint_tune_saved_not_its_newest_stored(t
     assert handed is None or raytune.checkpoint_index(handed) < newest, (handed, newest)
 
 
-@pytest.mark.slow
-def test_an_interrupted_fit_returns_as_if_it_had_finished(tmp_path):
-    """(4) interrupted, and the studies' check in short_cells: on SIGINT, Tuner.fit() saves
-    its state and returns a ResultGrid instead of raising. Its trials' states, in the private
-    `_experiment_analysis.trials`, are all that say it stopped, and a trial Tune stopped on
-    its way out can even look TERMINATED there: only the trial's own count of epochs (or, in
-    the search, its study) shows it unfinished."""
-    proc = _start(tmp_path, save_s="2")
+def _interrupt_after_two_checkpoints(tmp_path, **start) -> str:
+    """Start the script, send SIGINT once two checkpoints exist; its stdout (exit 0 asserted)."""
+    proc = _start(tmp_path, save_s="2", **start)
     try:
         _wait_for_checkpoints(tmp_path, proc, 2)
         proc.send_signal(signal.SIGINT)
@@ -195,6 +190,17 @@ def test_an_interrupted_fit_returns_as_if_it_had_finished(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_an_interrupted_fit_returns_as_if_it_had_finished(tmp_path):
+    """(4) interrupted, and the studies' check in short_cells: on SIGINT, Tuner.fit() saves
+    its state and returns a ResultGrid instead of raising. Its trials' states, in the private
+    `_experiment_analysis.trials`, are all that say it stopped, and a trial Tune stopped on
+    its way out can even look TERMINATED there: only the trial's own count of epochs (or, in
+    the search, its study) shows it unfinished."""
+    out = _interrupt_after_two_checkpoints(tmp_path)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["returned"] and result["statuses"] and "ERROR" not in result["statuses"]
     assert all(i is not None and i < 999 for i in result["last"])  # none ran to its end
@@ -204,15 +210,7 @@ def test_an_interrupted_fit_returns_as_if_it_had_finished(tmp_path):
 def test_fit_says_whether_a_stop_signal_ended_the_run_and_leaves_no_handler_behind(tmp_path):
     """(4) fit: a run that finished says so, and one that SIGINT ended says so, whatever its
     trials' states; after each, SIGINT is Python's own again (Tune leaves its handler)."""
-    proc = _start(tmp_path, save_s="2", mode="fit")
-    try:
-        _wait_for_checkpoints(tmp_path, proc, 2)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-3000:]
+    out = _interrupt_after_two_checkpoints(tmp_path, mode="fit")
     quick, interrupted = (json.loads(line) for line in out.strip().splitlines()[-2:])
     assert quick == {"quick_stopped": False, "restored": True}
     assert interrupted == {"stopped": True, "restored": True}
