@@ -6,8 +6,10 @@ CIFAR-100 and CIFAR subsets are one family), then the nearest depth. Its top con
 by last-epoch validation accuracy (ties: the lower trial number) are queued in the new cell's
 study after the cell's default configuration, each tagged with where it came from; the
 parameters the new space does not search are left out, and values outside its ranges are
-moved into them. They are queued once, when the study is made: a resumed search finds them
-there and queues nothing again.
+moved into them. A source configuration that lands on the new cell's default, or on one
+already taken, is passed over for the next best, so that the top K are K new configurations.
+They are queued once, when the study is made: a resumed search finds them there and queues
+nothing again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from tuning.run.config import RunConfig, UserError
 from tuning.search import storage
 from tuning.search.cells import Cell, study_name
 from tuning.search.settings import SETTINGS_FILE, SearchSettings, check_name
-from tuning.search.space import Param, Space, decaying_range, inside_space
+from tuning.search.space import Param, Space, cell_defaults, decaying_range, inside_space
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,16 @@ def plan(settings: SearchSettings, space: Space) -> dict[str, list[Seed]]:
                                   storage=source.optuna_storage)
         done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
                       key=lambda t: (-t.value, t.number))
-        out[cell.key] = [Seed(fit(space, cell, t.params), f"{source.name}/{match.key}"
-                              f"#{t.number}") for t in done[:settings.warm_start_top]]
+        taken = [cell_defaults(space, cell).enqueued] if space.kind == "sampled" else []
+        seeds: list[Seed] = []
+        for t in done:
+            if len(seeds) == settings.warm_start_top:
+                break
+            params = fit(space, cell, t.params)
+            if params not in taken:  # the study would not queue it twice
+                taken.append(params)
+                seeds.append(Seed(params, f"{source.name}/{match.key}#{t.number}"))
+        out[cell.key] = seeds
     return out
 
 
