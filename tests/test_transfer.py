@@ -11,8 +11,8 @@ import pytest
 from tuning.measure.transfer import markdown, pair_stats
 from tuning.search.cells import Cell, study_name
 from tuning.search.settings import SearchSettings
-from tuning.search.space import parse_space
-from tuning.search.studies import DEFAULT, WARM, CellSearcher, StudyBook
+from tuning.search.space import cell_defaults, parse_space
+from tuning.search.studies import DEFAULT, LOST, WARM, CellSearcher, StudyBook, mark_lost
 from tuning.search.warmstart import nearest, plan
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -66,9 +66,10 @@ def test_each_cell_starts_from_the_nearest_cell_of_its_method():
                        "dataset=npz,depth=34": "dataset=cifar10"}
 
 
-def finished_source(root: Path, values: list[float]) -> SearchSettings:
+def finished_source(root: Path, values: list[float],
+                    params: list[tuple[float, float]] | None = None) -> SearchSettings:
     """A finished search on disk: its settings, its cells.csv and one study per cell whose
-    trials completed with `values` (the alpha of trial i is i / 10)."""
+    trials completed with `values` (trial i's (alpha, lr): params[i], else (i / 10, 0.02))."""
     url = f"sqlite:///{root / 'optuna.db'}"
     space = parse_space(SOURCE, source="s.yaml", name="s").with_fixed({"dataset": "digits"})
     settings = SearchSettings(
@@ -85,8 +86,9 @@ def finished_source(root: Path, values: list[float]) -> SearchSettings:
         study = optuna.create_study(storage=url, study_name=study_name("src", cell),
                                     direction="maximize")
         for i, v in enumerate(values):
+            alpha, lr = params[i] if params else (i / 10, 0.02)
             study.add_trial(optuna.trial.create_trial(
-                params={"alpha": i / 10, "lr": 0.02}, distributions=dist, value=v))
+                params={"alpha": alpha, "lr": lr}, distributions=dist, value=v))
     with open(settings.folder / "cells.csv", "w") as f:
         writer = csv.writer(f)
         writer.writerow(["cell", "chosen_trial"])
@@ -127,6 +129,79 @@ def test_a_warm_start_queues_the_top_configurations_after_the_default(tmp_path):
     study = again.study(Cell())
     queued = [t for t in study.trials if WARM in t.user_attrs]
     assert len(queued) == 3 and len(study.trials) == 5
+
+
+def test_a_source_configuration_equal_to_the_default_or_to_one_taken_is_passed_over(tmp_path):
+    """--warm-start-top K queues K new configurations: a source trial that lands on the new
+    cell's default (already its trial 0), or on a configuration already taken once moved into
+    the new ranges, would not be queued again, so the next best takes its place."""
+    finished_source(tmp_path, [0.9, 0.8, 0.7, 0.6, 0.5],
+                    params=[(0.5, 0.01), (0.6, 0.02), (0.9, 0.02), (0.1, 0.02), (0.2, 0.05)])
+    target_text = SOURCE.replace("high: 1.0}", "high: 0.25}")
+    space = parse_space(target_text, source="t.yaml", name="t").with_fixed(
+        {"dataset": "digits", "depth": 34})
+    (cell,) = space.cells()
+    default = cell_defaults(space, cell).enqueued
+    assert default == {"alpha": 0.25, "lr": 0.01}  # what source trial 0 becomes
+    settings = SearchSettings(
+        name="new", space_name="t", space_source="t.yaml", space_text=target_text,
+        space_digest="1", overrides={"dataset": "digits", "depth": 34}, cells=["all"],
+        tracking_uri="sqlite:///x.db", optuna_storage=f"sqlite:///{tmp_path / 'new.db'}",
+        storage_path=str(tmp_path / "ray"), teacher_store="t", epochs=2, teacher_epochs=2,
+        num_samples=6, trials_per_cell=6, seed=0, warm_start="src", warm_start_top=3)
+    (cell_seeds,) = plan(settings, space).values()
+    # trial 0 -> the default: passed over; trial 1 -> (0.25, 0.02); trial 2 -> (0.25, 0.02)
+    # again: passed over; then trials 3 and 4.
+    assert [s.origin for s in cell_seeds] == ["src/depth=34#1", "src/depth=34#3",
+                                               "src/depth=34#4"]
+    assert [s.params for s in cell_seeds] == [{"alpha": 0.25, "lr": 0.02},
+                                              {"alpha": 0.1, "lr": 0.02},
+                                              {"alpha": 0.2, "lr": 0.05}]
+    book = StudyBook(settings.optuna_storage, "new", space, seed=0, multi_objective=False,
+                     budget=6, warm={cell.key: cell_seeds})
+    study = book.study(cell)
+    assert [t.user_attrs.get(WARM) for t in study.trials] == [None] + [
+        s.origin for s in cell_seeds]  # all three queued, after the default
+
+
+def test_a_default_or_seed_lost_with_a_killed_driver_is_queued_again(tmp_path):
+    """A driver killed while the default and a warm seed ran, before Tune recorded them (the
+    seed before it took its values): the resumed driver marks both lost and queues both again,
+    with their marks and all their values, before the sampler's own proposals; a proposed
+    trial lost the same way is not queued again."""
+    finished_source(tmp_path, [0.5, 0.9])
+    space = parse_space(SOURCE, source="s.yaml", name="s").with_fixed(
+        {"dataset": "digits", "depth": 34})
+    settings = SearchSettings(
+        name="new", space_name="s", space_source="s.yaml", space_text=SOURCE,
+        space_digest="1", overrides={"dataset": "digits", "depth": 34}, cells=["all"],
+        tracking_uri="sqlite:///x.db", optuna_storage=f"sqlite:///{tmp_path / 'new.db'}",
+        storage_path=str(tmp_path / "ray"), teacher_store="t", epochs=2, teacher_epochs=2,
+        num_samples=6, trials_per_cell=6, seed=0, warm_start="src", warm_start_top=1)
+    seeds = plan(settings, space)
+    book = StudyBook(settings.optuna_storage, "new", space, seed=0, multi_objective=False,
+                     budget=6, warm=seeds)
+    first = CellSearcher(book, space.cells(), epochs=2)
+    default = first.suggest("t0")
+    # The seed's trial: asked, then the driver was killed before it took any of its values.
+    half = book.study(Cell()).ask()
+    half.set_user_attr("ray_trial_id", "t1")
+    assert half.params == {}
+    proposal = first.suggest("t2")
+    assert default[DEFAULT] and WARM not in proposal
+    # The killed driver's successor: Tune knows none of the three.
+    again = StudyBook(settings.optuna_storage, "new", space, seed=0, multi_objective=False,
+                      budget=6, warm=seeds)
+    assert mark_lost(again, space.cells(), known=set()) == 3
+    resumed = CellSearcher(again, space.cells(), epochs=2)
+    redo = [resumed.suggest(f"r{i}") for i in range(3)]
+    assert redo[0].get(DEFAULT) is True and WARM not in redo[0]
+    assert redo[1].get(WARM) == "src/depth=34#1"
+    assert {k: redo[1][k] for k in ("alpha", "lr")} == seeds["all"][0].params  # all its values
+    assert DEFAULT not in redo[2] and WARM not in redo[2]  # the sampler's again
+    study = again.study(Cell())
+    assert sum(LOST in t.user_attrs for t in study.trials) == 3
+    assert sum(bool(t.user_attrs.get(DEFAULT)) for t in study.trials) == 2  # lost + again
 
 
 @pytest.mark.parametrize(("case", "expect"), [
@@ -181,16 +256,21 @@ def test_a_warm_started_search_through_the_command(tmp_path):
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     for depth in (18, 34):
         source = optuna.load_study(study_name=f"src/depth={depth}", storage=storage)
-        best = sorted((t for t in source.trials if t.value is not None),
-                      key=lambda t: (-t.value, t.number))[:2]
         study = optuna.load_study(study_name=f"warm/depth={depth}", storage=storage)
+        # The source's best two that are not the warm cell's default (its trial 0; the same
+        # space, so the same default): one equal to it is passed over for the next best.
+        best = sorted((t for t in source.trials if t.value is not None
+                       and t.params != study.trials[0].params),
+                      key=lambda t: (-t.value, t.number))[:2]
         counted = [t for t in study.trials if "lost" not in t.user_attrs]
-        warm = [t for t in counted if WARM in t.user_attrs]
-        assert [t.user_attrs[WARM] for t in warm] == [f"src/depth={depth}#{t.number}"
-                                                       for t in best]
-        assert [t.number for t in warm] == [1, 2]  # after the default, trial 0
-        for t, b in zip(warm, best, strict=True):
-            assert t.params == pytest.approx(b.params)
+        # Each of the source's best ran once: queued after the default, trial 0, and queued
+        # again if the kill lost it (a lost trial does not count).
+        warm = {t.user_attrs[WARM]: t for t in counted if WARM in t.user_attrs}
+        assert len(warm) == len([t for t in counted if WARM in t.user_attrs])
+        assert sorted(warm) == sorted(f"src/depth={depth}#{t.number}" for t in best)
+        for b in best:
+            assert warm[f"src/depth={depth}#{b.number}"].params == pytest.approx(b.params)
+        assert sum(bool(t.user_attrs.get(DEFAULT)) for t in counted) == 1
         assert len(counted) == 6
     client = MlflowClient(tracking_uri(tmp_path))
     exp = client.get_experiment_by_name("warm")

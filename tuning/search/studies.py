@@ -10,7 +10,8 @@
 
 The storage is the state: both run in the search driver, and a resumed driver reopens the same
 studies. Trials a killed driver had asked for but Tune never recorded are marked FAIL with a
-`lost` reason and do not count against their cell's budget.
+`lost` reason and do not count against their cell's budget; a lost grid point, default or
+warm-start seed is queued again.
 """
 
 from __future__ import annotations
@@ -264,8 +265,14 @@ def mark_lost(book: StudyBook, cells: list[Cell], known: set[str]) -> int:
                 t._trial_id, LOST, "the search driver was killed before Ray Tune recorded "
                                    "this trial; another trial of the cell took its place")
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            if book.space.kind == "grid":
-                study.enqueue_trial(t.params)  # its grid point is run again, not skipped
+            # A configuration the study was given, not proposed (a grid point, the default, a
+            # warm start's seed), is queued again with its marks: lost, never skipped.
+            # Its queued values, not `params`: a driver killed while the trial took its values
+            # left only some of them there.
+            marks = {key: t.user_attrs[key] for key in (DEFAULT, WARM) if key in t.user_attrs}
+            if book.space.kind == "grid" or marks:
+                study.enqueue_trial(t.system_attrs.get("fixed_params", t.params),
+                                    user_attrs=marks)
             lost += 1
     return lost
 
