@@ -80,6 +80,13 @@ def case_setup(case: str, root: Path) -> tuple[str, list[str], str, dict]:
                              "grid.split_seed: split_seed defines what", {}),
         "space_width": ("tuning.search", [*SEARCH, "--space", str(space)],
                         "params.width: width defines what", {}),
+        "set_method_outside_across": ("tuning.search", [*SEARCH, "--space", "compare", "--set",
+                                                        "method=kd"],
+                                      "--set method=kd: space compare searches its parameters "
+                                      "for method alignkd, jointrd only", {}),
+        "set_method_over_fixed": ("tuning.search", [*SEARCH, "--set", "method=jointrd"],
+                                  "--set method=jointrd: space alignkd searches its "
+                                  "parameters for method alignkd only", {}),
         "replicate_escaping_name": ("tuning.replicate", ["../escape"],
                                     "NAME '../escape' is not a valid search name", {}),
         "rungs_escaping_name": ("tuning.rungs", ["a/../../b"],
@@ -171,6 +178,7 @@ def case_setup(case: str, root: Path) -> tuple[str, list[str], str, dict]:
 
 
 CASES = ["space_dataset", "space_teacher_depth", "space_split_seed", "space_width",
+         "set_method_outside_across", "set_method_over_fixed",
          "replicate_escaping_name", "rungs_escaping_name", "report_escaping_name",
          "secret_optuna_url", "secret_tracking_url", "empty_validation", "no_validation",
          "label_too_large", "resume_other_teacher_store", "resume_other_data_root",

@@ -93,6 +93,28 @@ def test_exclude_follows_dimensions_fixed_with_set():
         space.with_fixed({"method": "ce", "dataset": "cifar10"})
 
 
+def test_set_may_not_move_the_method_or_a_when_setting_off_the_space():
+    """The method, and any setting a parameter's `when` names, decide which parameters are
+    searched: --set may narrow them to one of the space's values, never leave them; the data
+    set and the depth, which no parameter depends on, may take any value."""
+    space = parse_space(EXCLUDING.replace("lr: {type: float, low: 0.01, high: 0.1}",
+                                          "lr: {type: float, low: 0.01, high: 0.1, "
+                                          "when: {dataset: cifar10}}"),
+                        source="x.yaml", name="x")
+    assert [c.key for c in space.with_fixed({"method": "kd"}).cells()] == ["dataset=cifar100"]
+    with pytest.raises(SpaceError, match=r"--set method=jointrd: space x searches its "
+                                         r"parameters for method alignkd, kd, ce only"):
+        space.with_fixed({"method": "jointrd"})
+    with pytest.raises(SpaceError, match=r"--set dataset=digits: .* for dataset cifar10, "
+                                         r"cifar100 only"):
+        space.with_fixed({"dataset": "digits"})  # lr's `when` names the data set here
+    fixed = load_space("alignkd")  # method fixed to alignkd
+    with pytest.raises(SpaceError, match="for method alignkd only"):
+        fixed.with_fixed({"method": "kd"})
+    assert fixed.with_fixed({"method": "alignkd", "dataset": "digits", "depth": 34}).cells()
+    assert load_space("methods").with_fixed({"depth": 34, "dataset": "npz"}).cells()
+
+
 def test_methods_space_runs_each_way_to_a_plain_network_in_its_own_cell():
     space = load_space("methods")
     got = {(c.as_dict()["method"], c.as_dict()["block"]) for c in space.cells()}

@@ -134,7 +134,19 @@ class Space:
         return ()
 
     def with_fixed(self, overrides: dict[str, Any]) -> Space:
-        """This space with `overrides` fixed (--set): they leave the search and the cells."""
+        """This space with `overrides` fixed (--set): they leave the search and the cells.
+
+        The method, and any setting a parameter's `when` names, say which parameters are
+        searched: --set may pick one of the space's values of it, not a value the space was
+        not written for (its parameters would be searched for a method that ignores them)."""
+        for key in {"method"} | {k for p in self.params for k in p.when}:
+            known = self.values_of(key)
+            if key in overrides and known and overrides[key] not in known:
+                raise SpaceError(
+                    f"--set {key}={overrides[key]}: space {self.name} searches its parameters "
+                    f"for {key} {', '.join(map(str, known))} only; set one of those, or pass "
+                    f"a space written for {key} {overrides[key]} (the bundled spaces: "
+                    f"{', '.join(available_spaces())})")
         drop = set(overrides) | {ALIASES[k] for k in overrides if k in ALIASES}
         fixed = {k: v for k, v in self.fixed.items() if k not in drop}
         fixed.update({k: v for k, v in overrides.items() if k in RUN_KEYS | EXTRA_KEYS})
