@@ -48,3 +48,45 @@ def test_two_strategies_and_the_default_at_one_budget(tmp_path, capsys):
                  "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     assert "efficiency: " not in capsys.readouterr().out
     assert json.loads(out.read_text()) == rows
+
+
+def test_ctrl_c_waits_for_the_child_search_then_says_how_to_go_on(tmp_path):
+    """The measurements' Ctrl-C (SIGINT to the whole group): the child search, which had it
+    too, is left to save its state and exit (never killed), then the command says how to go
+    on in one line, exit 130, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from faultutil import REPO
+
+    child = ("import signal, sys, time, pathlib\n"
+             "def saved(*_):\n"
+             "    time.sleep(2)  # saving its state\n"
+             "    pathlib.Path('saved').write_text('yes')\n"
+             "    sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, saved)\n"
+             "pathlib.Path('started').write_text('yes')\n"
+             "time.sleep(60)\n")
+    parent = ("import sys\n"
+              "from pathlib import Path\n"
+              "from tuning.measure.children import interrupted, run_logged\n"
+              "try:\n"
+              f"    run_logged([sys.executable, '-c', {child!r}], Path('.'), Path('c.log'))\n"
+              "except KeyboardInterrupt:\n"
+              "    sys.exit(interrupted('tuning.warmgain', ['--source', 'a b']))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=tmp_path, env=env,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert (tmp_path / "saved").read_text() == "yes"  # the child finished saving
+    assert err.strip().splitlines() == [
+        "interrupted; what finished is kept: run `python -m tuning.warmgain --source 'a b'` "
+        "again to go on"]

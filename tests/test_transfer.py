@@ -3,6 +3,8 @@ figures against a hand-worked example, and the seeds a warm start queues, in rea
 studies (SQLite) and through the real command."""
 
 import csv
+import json
+import time
 from pathlib import Path
 
 import optuna
@@ -318,3 +320,47 @@ def test_the_gain_table_gives_the_best_so_far_trial_by_trial():
     line = markdown(rows).splitlines()[2]
     # after trial 1: (30 + 30) / 2; after 2: (30 + 50) / 2; after 3: (40 + 50) / 2
     assert "| 30.0, 40.0, 45.0 |" in line and "| >3, 2 | 2.0 (1 reached) |" in line, line
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_transfer_measurement_in_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a run trains:
+    the command and its workers stop at once, exit 130, one line saying how to go on, no
+    traceback and no results file; the same command then finishes what was left."""
+    import os
+    import signal
+
+    import numpy as np
+    from faultutil import group_alive, kill_group, spawn, wait_for
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 255, (200, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(200) % 10)
+    args = ["-m", "tuning.transfer", "--data-path", str(tmp_path / "d.npz"), "--configs", "3",
+            "--epochs", "1", "--teacher-epochs", "1", "--pairs", "width", "--width", "4",
+            "--workers", "2", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "t.json")]
+    log = tmp_path / "transfer.log"
+    slow = spawn([*args[:7], "200", *args[8:]], log, cwd=tmp_path)  # --epochs 200: still running
+    try:
+        wait_for(lambda: list((tmp_path / "w" / "runs").glob("*/*/")), 300, slow, log)
+        time.sleep(2)
+        os.killpg(slow.pid, signal.SIGINT)
+        code = slow.wait(timeout=60)
+        wait_for(lambda: not group_alive(slow.pid), 30)
+    finally:
+        kill_group(slow)
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("interrupted; what finished is kept: run `python -m tuning.transfer"
+                           " --data-path") and last.endswith("again to go on"), last
+    assert not (tmp_path / "t.json").exists()
+    done = spawn(args, tmp_path / "again.log", cwd=tmp_path)
+    assert done.wait(timeout=600) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    assert json.loads((tmp_path / "t.json").read_text())["pairs"][0]["configs"] == 3
+    # The same work folder at --epochs 2: no run of 1 epoch is taken for one of 2.
+    longer = spawn([*args[:7], "2", *args[8:]], tmp_path / "longer.log", cwd=tmp_path)
+    assert longer.wait(timeout=600) == 0, (tmp_path / "longer.log").read_text()[-3000:]
+    kept = [json.loads(f.read_text()) for f in (tmp_path / "w" / "runs").glob("*/*/result.json")]
+    assert len(kept) == 6 and {r["config"]["epochs"] for r in kept} == {2}

@@ -24,13 +24,12 @@ import argparse
 import csv
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from tuning.measure.children import interrupted, run_logged
 from tuning.run.checkpoint import atomic_write_text, check_output_file
 from tuning.run.config import UserError
 from tuning.run.console import Parser, refuse
@@ -104,9 +103,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                        [sys.executable, "-m", "tuning.search", "--resume", "--name", name,
                         "--storage-path", str(work / "ray_results")])
                 print(f"efficiency: {' '.join(cmd[1:])}", flush=True)
-                with open(work / f"{name}.log", "a") as log:
-                    code = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                                          env=os.environ.copy()).returncode
+                code = run_logged(cmd, work, work / f"{name}.log")
                 if code != 0:
                     raise UserError(f"the search {name} exited {code}; see {work / name}.log, "
                                     "then run this command again to continue")
@@ -230,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(args)
     except UserError as err:
         return refuse(err)
+    except KeyboardInterrupt:
+        return interrupted("tuning.efficiency", argv)
     out = Path(args.out)
     atomic_write_text(out, json.dumps(rows, indent=1) + "\n")
     figure = plot(rows, out.with_suffix(".png"))

@@ -15,7 +15,8 @@ For each pair (cheap -> dear) it reports Spearman's rho between the configuratio
 validation accuracies in the two settings, with a bootstrap 95% interval, and the regret of
 taking the cheap setting's winner into the dear one: the dear setting's best accuracy minus
 that of the cheap winner, in percentage points. Runs are plain training runs (no search), two
-at a time, each kept on disk: an interrupted measurement continues where it stopped.
+at a time, each kept on disk with its configuration: an interrupted measurement continues
+where it stopped, and a run of another configuration (other --epochs, say) is trained again.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ import argparse
 import dataclasses
 import json
 import math
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from tuning.measure.children import ignore_interrupts, interrupted
 from tuning.run.checkpoint import atomic_write_text, check_output_file
 from tuning.run.config import RunConfig, UserError
 from tuning.run.console import Parser, refuse
@@ -84,7 +85,8 @@ def _train(values: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     final = train(RunConfig(**values), Path(run_dir), quiet=True, evaluate_test=False)
-    result = {"val_acc": final["last_val_acc"], "train_time": final["train_time"]}
+    result = {"val_acc": final["last_val_acc"], "train_time": final["train_time"],
+              "config": values}
     atomic_write_text(Path(run_dir) / "result.json", json.dumps(result) + "\n")
     return result
 
@@ -121,18 +123,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     todo = {}
     for (name, i), cfg in jobs.items():
         kept = work / "runs" / name / f"{i:02d}" / "result.json"
-        if kept.is_file():
-            results[(name, i)] = json.loads(kept.read_text())
+        old = json.loads(kept.read_text()) if kept.is_file() else {}
+        # A kept run counts only if it ran this very configuration (the same --epochs,
+        # --width, data and teacher): otherwise it is trained again.
+        if old.get("config") == json.loads(json.dumps(cfg.to_dict())):
+            results[(name, i)] = old
         else:
             todo[(name, i)] = cfg
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        futures = {key: pool.submit(_train, cfg.to_dict(),
-                                    str(work / "runs" / key[0] / f"{key[1]:02d}"))
-                   for key, cfg in todo.items()}
-        for key, future in futures.items():
-            results[key] = future.result()
+    # The workers leave a Ctrl-C to this process, which stops them at once: a run that had
+    # not finished is trained again by the next call.
+    pool = get_context("spawn").Pool(args.workers, initializer=ignore_interrupts)
+    try:
+        jobs_left = {key: pool.apply_async(_train, (cfg.to_dict(), str(
+            work / "runs" / key[0] / f"{key[1]:02d}"))) for key, cfg in todo.items()}
+        for key, job in jobs_left.items():
+            results[key] = job.get()
             print(f"  {key[0]} #{key[1]:02d}: val {100 * results[key]['val_acc']:.1f}%",
                   flush=True)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
     pairs = []
     for pair in args.pairs:
         cheap, dear = PAIRS[pair]
@@ -220,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(args)
     except UserError as err:
         return refuse(err)
+    except KeyboardInterrupt:
+        return interrupted("tuning.transfer", argv)
     out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     figure = plot(result, out.with_suffix(".png"))

@@ -15,13 +15,12 @@ import argparse
 import csv
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from tuning.measure.children import interrupted, run_logged
 from tuning.run.checkpoint import atomic_write_text, check_output_file
 from tuning.run.config import UserError
 from tuning.run.console import Parser, refuse
@@ -69,9 +68,7 @@ def run(args: argparse.Namespace, strategy: str, seed: int) -> Path:
             f"sqlite:///{work / 'optuna.db'}", *(a for s in args.set for a in ("--set", s))])
     work.mkdir(parents=True, exist_ok=True)
     print(f"warmgain: {' '.join(cmd[2:])}", flush=True)
-    with open(work / f"{name}.log", "a") as log:
-        code = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                              env=os.environ.copy()).returncode
+    code = run_logged(cmd, work, work / f"{name}.log")
     if code != 0:
         raise UserError(f"the search {name} exited {code}; see {work / name}.log, then run "
                         "this command again to continue")
@@ -168,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(args)
     except UserError as err:
         return refuse(err)
+    except KeyboardInterrupt:
+        return interrupted("tuning.warmgain", argv)
     out = Path(args.out)
     atomic_write_text(out, json.dumps(rows, indent=1) + "\n")
     figure = plot(rows, out.with_suffix(".png"))
