@@ -98,17 +98,22 @@ def finished_source(root: Path, values: list[float],
     return settings
 
 
+def target_settings(tmp_path: Path, text: str, top: int) -> SearchSettings:
+    """A new search of one digits, depth-34 cell, warm-started from `src` with its top `top`."""
+    return SearchSettings(
+        name="new", space_name="t", space_source="t.yaml", space_text=text,
+        space_digest="1", overrides={"dataset": "digits", "depth": 34}, cells=["all"],
+        tracking_uri="sqlite:///x.db", optuna_storage=f"sqlite:///{tmp_path / 'new.db'}",
+        storage_path=str(tmp_path / "ray"), teacher_store="t", epochs=2, teacher_epochs=2,
+        num_samples=6, trials_per_cell=6, seed=0, warm_start="src", warm_start_top=top)
+
+
 def test_a_warm_start_queues_the_top_configurations_after_the_default(tmp_path):
     finished_source(tmp_path, [0.5, 0.9, 0.7, 0.9, 0.1])
     target_text = SOURCE.replace("high: 1.0}", "high: 0.25}")  # alpha 0.3 is out of range
     space = parse_space(target_text, source="t.yaml", name="t").with_fixed(
         {"dataset": "digits", "depth": 34})
-    settings = SearchSettings(
-        name="new", space_name="t", space_source="t.yaml", space_text=target_text,
-        space_digest="1", overrides={"dataset": "digits", "depth": 34}, cells=["all"],
-        tracking_uri="sqlite:///x.db", optuna_storage=f"sqlite:///{tmp_path / 'new.db'}",
-        storage_path=str(tmp_path / "ray"), teacher_store="t", epochs=2, teacher_epochs=2,
-        num_samples=6, trials_per_cell=6, seed=0, warm_start="src", warm_start_top=3)
+    settings = target_settings(tmp_path, target_text, top=3)
     seeds = plan(settings, space)
     (cell_seeds,) = seeds.values()
     # The top 3 of the source's depth-34 cell (the same data set and depth): 0.9 (trial 1),
@@ -145,12 +150,7 @@ def test_a_source_configuration_equal_to_the_default_or_to_one_taken_is_passed_o
     (cell,) = space.cells()
     default = cell_defaults(space, cell).enqueued
     assert default == {"alpha": 0.25, "lr": 0.01}  # what source trial 0 becomes
-    settings = SearchSettings(
-        name="new", space_name="t", space_source="t.yaml", space_text=target_text,
-        space_digest="1", overrides={"dataset": "digits", "depth": 34}, cells=["all"],
-        tracking_uri="sqlite:///x.db", optuna_storage=f"sqlite:///{tmp_path / 'new.db'}",
-        storage_path=str(tmp_path / "ray"), teacher_store="t", epochs=2, teacher_epochs=2,
-        num_samples=6, trials_per_cell=6, seed=0, warm_start="src", warm_start_top=3)
+    settings = target_settings(tmp_path, target_text, top=3)
     (cell_seeds,) = plan(settings, space).values()
     # trial 0 -> the default: passed over; trial 1 -> (0.25, 0.02); trial 2 -> (0.25, 0.02)
     # again: passed over; then trials 3 and 4.
@@ -174,12 +174,7 @@ def test_a_default_or_seed_lost_with_a_killed_driver_is_queued_again(tmp_path):
     finished_source(tmp_path, [0.5, 0.9])
     space = parse_space(SOURCE, source="s.yaml", name="s").with_fixed(
         {"dataset": "digits", "depth": 34})
-    settings = SearchSettings(
-        name="new", space_name="s", space_source="s.yaml", space_text=SOURCE,
-        space_digest="1", overrides={"dataset": "digits", "depth": 34}, cells=["all"],
-        tracking_uri="sqlite:///x.db", optuna_storage=f"sqlite:///{tmp_path / 'new.db'}",
-        storage_path=str(tmp_path / "ray"), teacher_store="t", epochs=2, teacher_epochs=2,
-        num_samples=6, trials_per_cell=6, seed=0, warm_start="src", warm_start_top=1)
+    settings = target_settings(tmp_path, SOURCE, top=1)
     seeds = plan(settings, space)
     book = StudyBook(settings.optuna_storage, "new", space, seed=0, multi_objective=False,
                      budget=6, warm=seeds)
