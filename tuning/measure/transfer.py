@@ -91,9 +91,21 @@ def _train(values: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return result
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+@dataclasses.dataclass
+class Plan:
+    """What a measurement trains: the configurations, the settings' fixed values, and every
+    run the pairs need, (setting, configuration index) -> its RunConfig, with the teachers'
+    recipes by key."""
+
+    configs: list[dict[str, Any]]
+    settings: dict[str, dict]
+    jobs: dict[tuple[str, int], RunConfig]
+    recipes: dict[str, Any]
+
+
+def plan(args: argparse.Namespace) -> Plan:
     from tuning.search.space import load_space, trial_values
-    from tuning.search.teachers import teacher_path, teacher_recipe, train_teacher
+    from tuning.search.teachers import teacher_path, teacher_recipe
 
     work = Path(args.work).resolve()
     configs = sample_configs(args.space, args.configs, args.seed)
@@ -114,7 +126,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             recipes[recipe.key] = recipe
             cfg.teacher = teacher_path(str(work / "teachers"), recipe)
             jobs[(name, i)] = cfg
-    for recipe in recipes.values():  # each setting's teacher, once
+    return Plan(configs, {k: settings[k] for k in wanted}, jobs, recipes)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from tuning.search.teachers import train_teacher
+
+    work = Path(args.work).resolve()
+    runs = plan(args)
+    configs, jobs = runs.configs, runs.jobs
+    for recipe in runs.recipes.values():  # each setting's teacher, once
         done = train_teacher(recipe, str(work / "teachers"))
         if done["trained"]:
             print(f"teacher {recipe.key}: val_acc {done['metrics']['best_val_acc']:.4f}",
@@ -154,7 +175,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         pairs.append({"pair": pair, "from": cheap, "to": dear, **pair_stats(a, b),
                       "from_val_acc": a, "to_val_acc": b})
     return {"space": args.space, "seed": args.seed, "metric": "last-epoch validation accuracy",
-            "settings": {k: settings[k] for k in wanted}, "configs": configs,
+            "settings": runs.settings, "configs": configs,
             "teacher_epochs": args.teacher_epochs, "device": "cpu", "pairs": pairs}
 
 
