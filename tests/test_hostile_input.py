@@ -248,3 +248,34 @@ def test_a_search_that_fails_before_its_first_trial_leaves_its_name_free(tmp_pat
         assert "its name is free again" in again.stdout
         assert not (tmp_path / "ray_results" / "broken").exists()
         assert not (tmp_path / "ray_results" / ".broken.lock").exists()
+
+
+def test_ctrl_c_during_a_benchmark_is_one_line(tmp_path):
+    """A command that writes its results at its end (here the training-step benchmark):
+    Ctrl-C, sent to the whole group as a terminal does, mid-run gives one line, exit 130, no
+    traceback, and no results file."""
+    import signal
+
+    from faultutil import kill_group, spawn, wait_for
+
+    def cpu_seconds(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    log = tmp_path / "bench.log"
+    out = tmp_path / "train.json"
+    proc = spawn(["-m", "tuning.bench", "--device", "cpu", "--configs", "18x32", "--methods",
+                  "ce", "--width", "4", "--batch-size", "8", "--steps", "1000000", "--out",
+                  str(out)], log, cwd=tmp_path)  # a benchmark that would run for hours
+    try:
+        # Well into the benchmark: its imports take about 2 s of CPU, the rest is timing.
+        wait_for(lambda: cpu_seconds(proc.pid) > 8, 180, proc, log)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        kill_group(proc)
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == "interrupted before the command finished: run it again"
+    assert not out.exists()

@@ -2,9 +2,8 @@
 overhead. See `tuning.measure.bench`.
 """
 
-import sys
-
 from tuning.measure.bench import main
+from tuning.run.console import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

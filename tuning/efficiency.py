@@ -2,9 +2,8 @@
 epochs. See `tuning.measure.efficiency`.
 """
 
-import sys
-
 from tuning.measure.efficiency import main
+from tuning.run.console import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

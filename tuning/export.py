@@ -2,9 +2,8 @@
 `tuning.measure.export`.
 """
 
-import sys
-
 from tuning.measure.export import main
+from tuning.run.console import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

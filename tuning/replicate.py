@@ -2,9 +2,8 @@
 again with new seeds. See `tuning.search.cli.replicate`.
 """
 
-import sys
-
+from tuning.run.console import run_command
 from tuning.search.cli.replicate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -2,9 +2,8 @@
 `tuning.search.cli.report`.
 """
 
-import sys
-
+from tuning.run.console import run_command
 from tuning.search.cli.report import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -2,9 +2,8 @@
 pilot. See `tuning.search.cli.rungs`.
 """
 
-import sys
-
+from tuning.run.console import run_command
 from tuning.search.cli.rungs import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -2,9 +2,8 @@
 `tuning.run.train`.
 """
 
-import sys
-
+from tuning.run.console import run_command
 from tuning.run.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -2,9 +2,8 @@
 setting to a dear one. See `tuning.measure.transfer`.
 """
 
-import sys
-
 from tuning.measure.transfer import main
+from tuning.run.console import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -2,9 +2,8 @@
 `tuning.measure.warmgain`.
 """
 
-import sys
-
 from tuning.measure.warmgain import main
+from tuning.run.console import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -1,7 +1,6 @@
 """`python -m tuning.search`: the search command. See `tuning.search.cli.search`."""
 
-import sys
-
+from tuning.run.console import run_command
 from tuning.search.cli.search import main
 
-sys.exit(main())
+run_command(main)
