@@ -226,9 +226,7 @@ class CellSearcher(Searcher):
         counts[cell.key] += 1
         self.known.add(trial_id)
         self.live[trial_id] = (cell.key, trial.number)
-        marks = {key: trial.user_attrs[key] for key in (DEFAULT, WARM)
-                 if trial.user_attrs.get(key)}
-        return {"cell": cell.key, "study_trial": trial.number, **marks, **cell.as_dict(),
+        return {"cell": cell.key, "study_trial": trial.number, **marks(trial), **cell.as_dict(),
                 **params}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
@@ -251,6 +249,11 @@ class CellSearcher(Searcher):
         self._started = None
 
 
+def marks(trial: optuna.trial.BaseTrial) -> dict[str, Any]:
+    """How a trial came to its values, where it was given them: the default, a warm seed."""
+    return {key: trial.user_attrs[key] for key in (DEFAULT, WARM) if trial.user_attrs.get(key)}
+
+
 def mark_lost(book: StudyBook, cells: list[Cell], known: set[str]) -> int:
     """FAIL every unfinished study trial that Tune has no record of (asked for by a driver that
     was killed before Tune saved its state): it never trained, or not for long. It does not
@@ -269,10 +272,9 @@ def mark_lost(book: StudyBook, cells: list[Cell], known: set[str]) -> int:
             # warm start's seed), is queued again with its marks: lost, never skipped.
             # Its queued values, not `params`: a driver killed while the trial took its values
             # left only some of them there.
-            marks = {key: t.user_attrs[key] for key in (DEFAULT, WARM) if key in t.user_attrs}
-            if book.space.kind == "grid" or marks:
+            if book.space.kind == "grid" or marks(t):
                 study.enqueue_trial(t.system_attrs.get("fixed_params", t.params),
-                                    user_attrs=marks)
+                                    user_attrs=marks(t))
             lost += 1
     return lost
 
